@@ -1,0 +1,56 @@
+"""``foresight-export``: build an engines folder from a model checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from runtime.errors import ForesightError
+
+from .families import FAMILIES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="foresight-export",
+        description="Split a text-to-video DiT into stem, layers and head, export each to ONNX, "
+        "validate it against PyTorch and write an engines folder with a manifest.",
+    )
+    ap.add_argument("--model", required=True, help=f"model family: {', '.join(FAMILIES)}")
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model-path", help="diffusers-format checkpoint folder (or hub id when the hub is reachable)")
+    src.add_argument("--preset", help="a small checkpoint shipped with the package, e.g. 'tiny'")
+    ap.add_argument("--out", type=Path, help="engines folder to write (default engines/<model>-<preset or folder name>)")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ap.add_argument("--max-scale", type=int, default=2,
+                    help="largest supported resolution as a multiple of the model's training size (default 2)")
+    ap.add_argument("--tolerance", type=float, default=1e-4, help="max relative error ONNX vs PyTorch (fp32: 1e-4)")
+    ap.add_argument("--backend", choices=["onnxruntime"], default="onnxruntime",
+                    help="engine format; onnxruntime runs the ONNX files directly")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .export import ExportOptions, export
+
+    out = args.out
+    if out is None:
+        tag = args.preset or Path(args.model_path.rstrip("/")).name
+        out = Path("engines") / f"{args.model}-{tag}"
+    try:
+        folder = export(ExportOptions(model=args.model, out=out, model_path=args.model_path, preset=args.preset,
+                                      overwrite=args.overwrite, tolerance=args.tolerance, max_scale=args.max_scale))
+    except ForesightError as exc:
+        print(f"foresight-export: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("foresight-export: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(f"wrote {folder}/manifest.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

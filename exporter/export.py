@@ -1,0 +1,267 @@
+"""Export a model to a folder of per-part ONNX files plus a manifest.
+
+Build and run meet only through files on disk: this module writes
+``<out>/{stem,layer_NNN,head}.onnx``, the text encoder / tokenizer / VAE / scheduler in
+diffusers layout, and ``manifest.json``. Everything is written to a temporary sibling
+folder and renamed into place at the end, so an interrupted export never leaves a
+manifest that points at missing files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import ForesightError, ModelError
+from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, sha256_file
+
+from .families import get_family
+from .families.base import COMPONENTS, resolve_model_path
+
+FP32_TOLERANCE = 1e-4
+OPSET = 18
+
+
+class ExportError(ForesightError):
+    """Export or validation failed."""
+
+
+@dataclass
+class ExportOptions:
+    model: str = "latte"
+    out: Path = Path("engines/latte-tiny")
+    model_path: str | None = None
+    preset: str | None = None
+    overwrite: bool = False
+    tolerance: float = FP32_TOLERANCE
+    max_scale: int = 2
+    seed: int = 0
+
+
+def validation_dims(dims_spec: dict) -> list[dict]:
+    """Two different shapes inside the built ranges: the opt shape, and a smaller non-square one."""
+    base = {s: v for s, v in dims_spec.items() if "of" not in v}
+    first = {s: v["opt"] for s, v in base.items()}
+    second = {s: max(v["min"], min(v["max"], v["opt"] - 1 if s != "w" else v["opt"] + 1)) for s, v in base.items()}
+    second["B"] = base["B"]["min"]
+    out = []
+    for d in (first, second):
+        full = dict(d)
+        for s, v in dims_spec.items():
+            if "of" in v:
+                full[s] = full[v["of"]] * v["times"]
+        out.append(full)
+    return out
+
+
+def make_inputs(specs, dims: dict, generator):
+    import torch
+
+    tensors = []
+    for spec in specs:
+        shape = tuple(d if isinstance(d, int) else dims[d] for d in spec.shape)
+        if spec.low is not None:
+            t = torch.rand(shape, generator=generator) * (spec.high - spec.low) + spec.low
+        else:
+            t = torch.randn(shape, generator=generator)
+        tensors.append(t)
+    return tuple(tensors)
+
+
+def dynamic_shapes(specs, dims_spec: dict):
+    from torch.export import Dim
+
+    syms = {}
+    for s, v in dims_spec.items():
+        if "of" not in v:
+            syms[s] = Dim(s, min=v["min"], max=v["max"])
+    for s, v in dims_spec.items():
+        if "of" in v:
+            syms[s] = v["times"] * syms[v["of"]]
+    return {spec.name: {i: syms[d] for i, d in enumerate(spec.shape) if isinstance(d, str)} for spec in specs}
+
+
+def export_part(part, dims_spec: dict, path: Path, generator) -> None:
+    import torch
+
+    example = make_inputs(part.inputs, validation_dims(dims_spec)[0], generator)
+    sink = io.StringIO()
+    # The exporter warns once per export about torchvision ops it cannot register; noise here.
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            part.module, example, str(path), dynamo=True, opset_version=OPSET,
+            input_names=[s.name for s in part.inputs], output_names=[s.name for s in part.outputs],
+            dynamic_shapes=dynamic_shapes(part.inputs, dims_spec), external_data=False, verbose=False,
+        )
+    check_symbolic(path, part)
+
+
+def check_symbolic(path: Path, part) -> None:
+    """The exported graph's symbolic inputs must really be dynamic (torch once fixed them silently)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for spec, inp in zip(part.inputs, model.graph.input):
+        dims = inp.type.tensor_type.shape.dim
+        for want, got in zip(spec.shape, dims):
+            if isinstance(want, str) and got.HasField("dim_value"):
+                raise ExportError(
+                    f"{path.name}: input {spec.name} dimension {want} was exported as the fixed size "
+                    f"{got.dim_value}; the part's forward must not specialise on it"
+                )
+
+
+def validate_part(part, path: Path, dims_spec: dict, generator) -> list[dict]:
+    """Run ONNX Runtime and eager PyTorch on random inputs at two shapes; max relative error per output."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    results = []
+    for dims in validation_dims(dims_spec):
+        inputs = make_inputs(part.inputs, dims, generator)
+        with torch.no_grad():
+            ref = part.module(*inputs)
+        ref = ref if isinstance(ref, tuple) else (ref,)
+        got = sess.run(None, {s.name: t.numpy() for s, t in zip(part.inputs, inputs)})
+        errors = {}
+        for spec, r, g in zip(part.outputs, ref, got):
+            want_shape = tuple(d if isinstance(d, int) else dims[d] for d in spec.shape)
+            if g.shape != want_shape or tuple(r.shape) != want_shape:
+                raise ExportError(f"{path.name}: output {spec.name} has shape {g.shape}, expected {want_shape}")
+            r = r.numpy()
+            errors[spec.name] = float(np.abs(g - r).max() / max(float(np.abs(r).max()), 1e-12))
+        results.append({"dims": {k: v for k, v in dims.items()}, "max_rel_error": errors})
+    return results
+
+
+def save_components(components: dict, out: Path) -> None:
+    for name in COMPONENTS:
+        comp = components[name]
+        target = out / name
+        if hasattr(comp, "save_pretrained"):
+            comp.save_pretrained(target)
+        else:
+            comp.save_config(target)
+
+
+def part_entry(part, file: Path, validation: list[dict]) -> dict:
+    return {
+        "name": part.name,
+        "file": file.name,
+        "sha256": sha256_file(file),
+        "bytes": file.stat().st_size,
+        "inputs": [s.to_dict() for s in part.inputs],
+        "outputs": [s.to_dict() for s in part.outputs],
+        "validation": validation,
+    }
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export(opts: ExportOptions, progress=True) -> Path:
+    """Export ``opts.model`` to ``opts.out``; returns the folder. Prints progress per part."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from runtime import __version__
+
+    family = get_family(opts.model)
+    model_path = resolve_model_path(family, opts.model_path, opts.preset)
+    out = Path(opts.out)
+    if out.exists() and not opts.overwrite:
+        raise ExportError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
+    if not out.parent.is_dir():
+        raise ExportError(f"the parent folder of --out {out} does not exist: create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise ExportError(f"cannot write to {out.parent}: choose a writable --out")
+
+    t0 = time.perf_counter()
+    loaded = family.load(model_path)
+    model = loaded.transformer.float().eval()
+    parts = family.parts(model)
+    vae_config = dict(loaded.components["vae"].config)
+    dims_spec = family.dims(model, 2 ** (len(vae_config["block_out_channels"]) - 1), opts.max_scale)
+    generator = torch.Generator().manual_seed(opts.seed)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        entries = []
+        bar = tqdm(parts, desc="export", unit="part", disable=not progress)
+        for part in bar:
+            bar.set_postfix_str(part.name)
+            file = tmp / f"{part.name}.onnx"
+            export_part(part, dims_spec, file, generator)
+            validation = validate_part(part, file, dims_spec, generator)
+            worst = max(e for v in validation for e in v["max_rel_error"].values())
+            bar.write(f"  {part.name:<10} {file.stat().st_size / 1e6:7.2f} MB  max rel err {worst:.2e}")
+            if worst > opts.tolerance:
+                raise ExportError(
+                    f"{part.name}: ONNX Runtime differs from PyTorch by a relative {worst:.2e} "
+                    f"(limit {opts.tolerance:.0e}); see the per-output errors: {validation}"
+                )
+            entries.append(part_entry(part, file, validation))
+        save_components(loaded.components, tmp)
+        vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+        pipeline = family.pipeline(model, vae_config)
+        pipeline.update({c: c for c in COMPONENTS})
+        p = model.config.patch_size
+        px = vae_factor * p
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "format": "foresight-engines",
+            "name": out.name,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "tool": {"foresight-dit": __version__, "torch": torch.__version__, "opset": OPSET},
+            "model": {
+                "family": family.name,
+                "transformer_class": family.transformer_class,
+                "config": json.loads(json.dumps(dict(model.config), default=str)),
+                "source": {"checkpoint": loaded.source, "preset": opts.preset},
+            },
+            "artifact": "onnx",
+            "dtype": "float32",
+            "dims": dims_spec,
+            "shapes": {
+                "frames": {"min": dims_spec["F"]["min"], "max": dims_spec["F"]["max"], "default": dims_spec["F"]["opt"]},
+                "height": {"min": dims_spec["h"]["min"] * px, "max": dims_spec["h"]["max"] * px,
+                           "multiple_of": px, "default": dims_spec["h"]["opt"] * px},
+                "width": {"min": dims_spec["w"]["min"] * px, "max": dims_spec["w"]["max"] * px,
+                          "multiple_of": px, "default": dims_spec["w"]["opt"] * px},
+                "batch": {"min": dims_spec["B"]["min"], "max": dims_spec["B"]["max"]},
+                "text_tokens": {"max": dims_spec["T"]["max"]},
+            },
+            "parts": {"stem": entries[0], "layers": entries[1:-1], "head": entries[-1]},
+            "flow": family.flow(),
+            "pipeline": pipeline,
+            "foresight_defaults": family.foresight_defaults(),
+            "validation": {"tolerance": opts.tolerance, "reference": "torch eager fp32", "runner": "onnxruntime CPU"},
+            "export_seconds": round(time.perf_counter() - t0, 2),
+        }
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,94 @@
+"""What a family hands the exporter: parts with symbolic I/O, and checkpoint loading."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from runtime.errors import ModelError
+
+COMPONENTS = ("text_encoder", "tokenizer", "vae", "scheduler")
+
+
+@dataclass
+class IOSpec:
+    """One input or output of a part. ``shape`` entries are ints or symbol names."""
+
+    name: str
+    shape: list
+    dtype: str = "float32"
+    low: float | None = None  # sample range for validation inputs; None -> standard normal
+    high: float | None = None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass
+class PartSpec:
+    name: str
+    module: object
+    inputs: list[IOSpec] = field(default_factory=list)
+    outputs: list[IOSpec] = field(default_factory=list)
+
+
+@dataclass
+class LoadedModel:
+    transformer: object
+    source: str
+    components: dict  # name -> object with save_pretrained (text_encoder, tokenizer, vae, scheduler)
+
+
+def resolve_model_path(family, model_path: str | None, preset: str | None) -> str:
+    if (model_path is None) == (preset is None):
+        raise ModelError("pass exactly one of --model-path DIR (a diffusers checkpoint) or --preset NAME")
+    if preset is not None:
+        if preset not in family.presets:
+            raise ModelError(
+                f"unknown preset {preset!r} for {family.name}: available presets are "
+                f"{', '.join(sorted(family.presets))}"
+            )
+        return str(family.presets[preset])
+    return model_path
+
+
+def load_components(family, model_path: str, transformer_cls) -> LoadedModel:
+    """Load a diffusers-format checkpoint: a local folder, or a hub id when the hub is reachable."""
+    import diffusers
+    import transformers
+
+    path = Path(model_path)
+    looks_local = path.exists() or model_path.startswith((".", "/", "~"))
+    if looks_local:
+        if not path.is_dir():
+            raise ModelError(f"checkpoint folder {model_path} does not exist: pass a diffusers-format folder to --model-path")
+        index = path / "model_index.json"
+        missing = [c for c in ("transformer", *COMPONENTS) if not (path / c).is_dir()]
+        if not index.is_file() or missing:
+            what = ", ".join(([] if index.is_file() else ["model_index.json"]) + [c + "/" for c in missing])
+            raise ModelError(
+                f"{model_path} is not a complete diffusers {family.pipeline_class} checkpoint: missing {what}. "
+                f"Download the full pipeline folder (e.g. huggingface-cli download maxin-cn/Latte-1 --local-dir DIR)"
+            )
+    try:
+        import json
+
+        if looks_local:
+            model_index = json.loads((path / "model_index.json").read_text())
+        else:
+            from huggingface_hub import hf_hub_download
+
+            model_index = json.loads(Path(hf_hub_download(model_path, "model_index.json")).read_text())
+        transformer = transformer_cls.from_pretrained(model_path, subfolder="transformer").eval()
+        components = {}
+        for name in COMPONENTS:
+            library, cls_name = model_index[name]
+            module = diffusers if library == "diffusers" else transformers
+            cls = getattr(module, cls_name)
+            components[name] = cls.from_pretrained(model_path, subfolder=name)
+    except ModelError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any loader failure becomes one actionable message
+        raise ModelError(f"could not load {family.pipeline_class} checkpoint {model_path!r}: {exc}") from exc
+    return LoadedModel(transformer=transformer, source=str(path.resolve()) if looks_local else model_path,
+                       components=components)

@@ -1,0 +1,102 @@
+"""Latte's entry in the registry: loading, the part list, dims, flow and pipeline facts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import IOSpec, PartSpec, load_components
+
+PRESETS = {"tiny": Path(__file__).resolve().parent.parent / "presets" / "latte-tiny"}
+
+# Latte-1's pipeline: T5 prompts of at most 120 tokens, truncated to the prompt's length.
+MAX_TEXT_LENGTH = 120
+
+
+class LatteFamily:
+    name = "latte"
+    pipeline_class = "LattePipeline"
+    transformer_class = "LatteTransformer3DModel"
+    presets = PRESETS
+
+    def load(self, model_path: str):
+        from diffusers import LatteTransformer3DModel
+
+        return load_components(self, model_path, LatteTransformer3DModel)
+
+    def parts(self, model) -> list[PartSpec]:
+        from .latte import LatteHead, LatteLayer, LatteStem
+
+        cfg = model.config
+        d = cfg.num_attention_heads * cfg.attention_head_dim
+        c_in, c_out, c_text = cfg.in_channels, model.out_channels, cfg.caption_channels
+        hidden = ["B", "F", "h", "w", d]
+        stem = PartSpec(
+            "stem", LatteStem(model),
+            inputs=[IOSpec("latents", ["B", c_in, "F", "H", "W"]),
+                    IOSpec("timestep", ["B"], low=0.0, high=float(cfg.num_embeds_ada_norm or 1000)),
+                    IOSpec("encoder_hidden_states", ["B", "T", c_text])],
+            outputs=[IOSpec("hidden", hidden), IOSpec("temb", ["B", 6 * d]),
+                     IOSpec("embedded_timestep", ["B", d]), IOSpec("text", ["B", "T", d])],
+        )
+        layers = [
+            PartSpec(
+                f"layer_{i:03d}", LatteLayer(model, i),
+                inputs=[IOSpec("hidden", hidden), IOSpec("temb", ["B", 6 * d]), IOSpec("text", ["B", "T", d])],
+                outputs=[IOSpec("spatial", hidden), IOSpec("hidden_out", hidden)],
+            )
+            for i in range(cfg.num_layers)
+        ]
+        head = PartSpec(
+            "head", LatteHead(model),
+            inputs=[IOSpec("hidden", hidden), IOSpec("embedded_timestep", ["B", d])],
+            outputs=[IOSpec("noise_pred", ["B", c_out, "F", "H", "W"])],
+        )
+        return [stem, *layers, head]
+
+    def dims(self, model, vae_scale_factor: int, max_scale: int = 2) -> dict:
+        """Symbol ranges. Base symbols are free; H and W (latent size) derive from the token grid."""
+        cfg = model.config
+        p = cfg.patch_size
+        # The temporal position table has video_length rows; Latte adds it only when F > 1.
+        grid_max = cfg.sample_size * max_scale // p
+        return {
+            "B": {"min": 1, "opt": 2, "max": 2},
+            "F": {"min": 2, "opt": cfg.video_length, "max": cfg.video_length},
+            "h": {"min": 2, "opt": cfg.sample_size // p, "max": grid_max},
+            "w": {"min": 2, "opt": cfg.sample_size // p, "max": grid_max},
+            "T": {"min": 1, "opt": 16, "max": MAX_TEXT_LENGTH},
+            "H": {"of": "h", "times": p},
+            "W": {"of": "w", "times": p},
+        }
+
+    def flow(self) -> dict:
+        return {
+            "state_init": {"hidden": "hidden"},
+            "layer_inputs": {"hidden": "state:hidden", "temb": "stem:temb", "text": "stem:text"},
+            "layer_state_out": {"hidden": "hidden_out"},
+            "probes": ["spatial", "hidden_out"],
+            "head_inputs": {"hidden": "state:hidden", "embedded_timestep": "stem:embedded_timestep"},
+            "head_output": "noise_pred",
+        }
+
+    def pipeline(self, model, vae_config: dict) -> dict:
+        cfg = model.config
+        return {
+            "type": "latte",
+            "latent_channels": cfg.in_channels,
+            "patch_size": cfg.patch_size,
+            "vae_scale_factor": 2 ** (len(vae_config["block_out_channels"]) - 1),
+            "vae_scaling_factor": vae_config.get("scaling_factor", 0.18215),
+            "max_text_length": MAX_TEXT_LENGTH,
+            "mask_text": True,
+            "default_frames": cfg.video_length,
+            "default_steps": 50,
+            "default_guidance": 7.5,
+            "default_negative_prompt": "",
+            "decode_chunk_size": 14,
+            "fps": 8,
+        }
+
+    def foresight_defaults(self) -> dict:
+        # The reference implementation's evaluation settings; to be re-picked per model by sweep.
+        return {"warmup": 8, "recalculate": 2, "threshold": 0.5}
