@@ -29,7 +29,7 @@ from .families import get_family
 from .families.base import COMPONENTS, resolve_model_path
 
 FP32_TOLERANCE = 1e-4
-OPSET = 18
+OPSET = 23
 
 
 class ExportError(ForesightError):

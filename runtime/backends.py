@@ -1,0 +1,142 @@
+"""Execution backends: run a named part with caller-owned input and output buffers.
+
+Every backend implements the same small interface (``run(part, inputs, outputs)``) and
+writes into the output tensors it is given; it never allocates results of its own. The
+buffers are torch tensors on the runtime's device, so the ONNX Runtime backend binds
+their memory directly (IOBinding) and the torch backend copies its result into them.
+``torch`` is the reference: the same stem/layer/head modules the exporter exported, run
+eagerly.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from .errors import BackendError
+from .manifest import Manifest
+
+BACKENDS = ("onnxruntime", "torch")
+
+
+class Backend:
+    name = "base"
+
+    def __init__(self, manifest: Manifest, device: torch.device):
+        self.manifest = manifest
+        self.device = torch.device(device)
+        self.calls: Counter[str] = Counter()  # part name -> engine calls (test oracle)
+        self.loaded = 0  # engines / sessions loaded
+
+    def run(self, part: str, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        self.calls[part] += 1
+        self._run(part, inputs, outputs)
+
+    def _run(self, part, inputs, outputs):  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime with IOBinding: inputs and outputs are bound to the caller's buffers."""
+
+    name = "onnxruntime"
+
+    def __init__(self, manifest: Manifest, device: torch.device, threads: int | None = None):
+        super().__init__(manifest, device)
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from exc
+        self._np_types = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
+        available = ort.get_available_providers()
+        if self.device.type == "cuda":
+            if "CUDAExecutionProvider" not in available:
+                raise BackendError("onnxruntime has no CUDA provider here: pip install onnxruntime-gpu, or run on --device cpu")
+            providers = [("CUDAExecutionProvider", {"device_id": self.device.index or 0,
+                                                    "user_compute_stream": str(torch.cuda.current_stream(self.device).cuda_stream)})]
+            self._ort_device = ("cuda", self.device.index or 0)
+        else:
+            providers = ["CPUExecutionProvider"]
+            self._ort_device = ("cpu", 0)
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        # Idle ORT worker threads otherwise spin after each run and starve the torch ops
+        # (scheduler, guidance, mse) that run between engine calls on the same cores.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.sessions = {}
+        for part in manifest.all_parts:
+            try:
+                self.sessions[part["name"]] = ort.InferenceSession(str(manifest.path(part["file"])), opts, providers=providers)
+            except Exception as exc:  # noqa: BLE001
+                raise BackendError(
+                    f"onnxruntime could not load {manifest.path(part['file'])}: {exc}; re-export the engines folder"
+                ) from exc
+            self.loaded += 1
+        self.bindings = {name: s.io_binding() for name, s in self.sessions.items()}
+
+    def _bind(self, bind, name, tensor: torch.Tensor):
+        import numpy as np
+
+        if not tensor.is_contiguous():
+            raise BackendError(f"buffer for {name} is not contiguous")  # internal invariant, reported clearly
+        bind(name, self._ort_device[0], self._ort_device[1], np.dtype(self._np_types[tensor.dtype]),
+             list(tensor.shape), tensor.data_ptr())
+
+    def _run(self, part, inputs, outputs):
+        io = self.bindings[part]
+        io.clear_binding_inputs()
+        io.clear_binding_outputs()
+        for name, t in inputs.items():
+            self._bind(io.bind_input, name, t)
+        for name, t in outputs.items():
+            self._bind(io.bind_output, name, t)
+        if self.device.type == "cuda":
+            io.synchronize_inputs()
+        self.sessions[part].run_with_iobinding(io)
+
+
+class TorchBackend(Backend):
+    """Eager PyTorch on the exporter's own part modules: the reference every backend is compared with."""
+
+    name = "torch"
+
+    def __init__(self, manifest: Manifest, device: torch.device, checkpoint: str | None = None):
+        super().__init__(manifest, device)
+        import diffusers
+
+        from exporter.families import get_family
+
+        source = checkpoint or manifest.data["model"]["source"]["checkpoint"]
+        cls = getattr(diffusers, manifest.data["model"]["transformer_class"])
+        try:
+            model = cls.from_pretrained(source, subfolder="transformer").eval().to(self.device)
+        except Exception as exc:  # noqa: BLE001
+            raise BackendError(
+                f"the torch backend needs the source checkpoint {source!r} recorded in the manifest, "
+                f"which could not be loaded ({exc}); pass the checkpoint folder with --checkpoint"
+            ) from exc
+        parts = get_family(manifest.data["model"]["family"]).parts(model)
+        self.modules = {p.name: p.module for p in parts}
+        self.output_names = {p.name: [o.name for o in p.outputs] for p in parts}
+        missing = {p["name"] for p in manifest.all_parts} - self.modules.keys()
+        if missing:
+            raise BackendError(f"checkpoint {source} has no part(s) {sorted(missing)} listed in the manifest; re-export")
+        self.loaded = len(self.modules)
+
+    @torch.no_grad()
+    def _run(self, part, inputs, outputs):
+        result = self.modules[part](*inputs.values())
+        result = result if isinstance(result, tuple) else (result,)
+        for name, value in zip(self.output_names[part], result):
+            outputs[name].copy_(value)
+
+
+def make_backend(name: str, manifest: Manifest, device, **kwargs) -> Backend:
+    if name == "onnxruntime":
+        return OnnxRuntimeBackend(manifest, device, **kwargs)
+    if name == "torch":
+        return TorchBackend(manifest, device, **kwargs)
+    raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,57 @@
+"""Caller-owned, preallocated device buffers for one shape.
+
+Each layer owns two buffer sets (ping-pong) for all of its outputs. A computed layer
+writes into its *other* set, the probe mse is taken between the new set and the current
+one (the cache), and the index flips: no copy ever moves a cached output. Reusing layer
+k binds k's current set as layer k+1's input. The per-step statistics (mse of every probe
+and a finite-check of every computed output) live in one device vector, so a step needs
+exactly one device-to-host transfer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .manifest import Manifest
+
+
+class BufferPool:
+    def __init__(self, manifest: Manifest, dims: dict[str, int], device, dtype=torch.float32):
+        self.dims = dict(dims)
+        self.device = torch.device(device)
+
+        def alloc(specs):
+            return {io["name"]: torch.empty(Manifest.shape_of(io, dims), device=self.device, dtype=dtype)
+                    for io in specs}
+
+        self.stem_in = alloc(manifest.stem["inputs"])
+        self.stem_out = alloc(manifest.stem["outputs"])
+        self.head_out = alloc(manifest.head["outputs"])
+        self.layer_sets = [(alloc(layer["outputs"]), alloc(layer["outputs"])) for layer in manifest.layers]
+        self.current = [0] * manifest.num_layers
+        self.probes = list(manifest.flow["probes"])
+        num_layers, num_probes = manifest.num_layers, len(self.probes)
+        # stats = [mse (L*P) | finite flag per layer (L) | head finite flag (1)], one transfer per step.
+        self.stats = torch.zeros(num_layers * num_probes + num_layers + 1, device=self.device, dtype=torch.float32)
+        self.bytes_copied = 0  # bytes moved between cached buffers by the runtime (stays 0: reuse binds)
+        self.bytes_allocated = sum(
+            t.numel() * t.element_size()
+            for group in (self.stem_in, self.stem_out, self.head_out, *[s for pair in self.layer_sets for s in pair])
+            for t in group.values()
+        )
+
+    def cached(self, layer: int) -> dict[str, torch.Tensor]:
+        """Layer's latest computed outputs (the cache)."""
+        return self.layer_sets[layer][self.current[layer]]
+
+    def scratch(self, layer: int) -> dict[str, torch.Tensor]:
+        """Where the layer's next computation is written."""
+        return self.layer_sets[layer][1 - self.current[layer]]
+
+    def commit(self, layer: int) -> None:
+        """The scratch set becomes the cache: flip the index, copy nothing."""
+        self.current[layer] = 1 - self.current[layer]
+
+    def reset(self) -> None:
+        self.current = [0] * len(self.current)
+        self.stats.zero_()

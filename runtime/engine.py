@@ -1,0 +1,232 @@
+"""``Runtime``: load an engines folder and generate videos with a Foresight policy.
+
+Per denoising step: the controller plans (which layers run, which cached output feeds
+the first of them) before any engine runs; the executor follows the plan exactly, calling
+the stem, the planned suffix of layers and the head; the probe mse values and finite
+checks of the step reach the host in one transfer and go back to the controller.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from foresight import ConfigError, ForesightConfig, NoneConfig, StaticConfig, make_config, make_controller
+
+from .backends import make_backend
+from .buffers import BufferPool
+from .errors import NumericsError, ShapeError
+from .manifest import Manifest, load_manifest
+from .pipeline import PipelineParts
+
+
+@dataclass
+class GenerationResult:
+    frames: "object"  # numpy uint8 (F, H, W, 3)
+    latents: torch.Tensor
+    stats: dict
+    trace: dict = field(repr=False, default_factory=dict)
+
+
+class Runtime:
+    def __init__(self, manifest: Manifest, backend, parts: PipelineParts, device: torch.device):
+        self.manifest = manifest
+        self.backend = backend
+        self.parts = parts
+        self.device = device
+        self._pools: dict[tuple, BufferPool] = {}
+        self.num_layers = manifest.num_layers
+        self.probes = manifest.flow["probes"]
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str = "onnxruntime", device: str | None = None,
+             verify_hashes: bool = True, **backend_kwargs) -> "Runtime":
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        manifest = load_manifest(path, verify_hashes=verify_hashes)
+        engine = make_backend(backend, manifest, dev, **backend_kwargs)
+        return cls(manifest, engine, PipelineParts(manifest, dev), dev)
+
+    # ---------------------------------------------------------------- shapes
+    def resolve_shape(self, frames: int | None, height: int | None, width: int | None) -> tuple[int, int, int]:
+        shapes = self.manifest.data["shapes"]
+        out = []
+        for name, value in (("frames", frames), ("height", height), ("width", width)):
+            spec = shapes[name]
+            value = spec["default"] if value is None else int(value)
+            flag = f"--{name}"
+            if not spec["min"] <= value <= spec["max"]:
+                raise ShapeError(
+                    f"{name}={value} is outside the exported range [{spec['min']}, {spec['max']}]: "
+                    f"pass {flag} within it, or re-export with a larger range (foresight-export --max-scale)"
+                )
+            step = spec.get("multiple_of", 1)
+            if value % step:
+                lo = value - value % step
+                raise ShapeError(
+                    f"{name}={value} is not divisible by {step} (patch size x VAE factor): "
+                    f"pass {flag} {lo if lo >= spec['min'] else lo + step} or {lo + step}"
+                )
+            out.append(value)
+        return tuple(out)
+
+    def pool(self, dims: dict[str, int]) -> BufferPool:
+        key = tuple(sorted(dims.items()))
+        if key not in self._pools:
+            self._pools[key] = BufferPool(self.manifest, dims, self.device)
+        return self._pools[key]
+
+    # ---------------------------------------------------------------- policy
+    def make_policy(self, policy=None, **overrides):
+        if isinstance(policy, (NoneConfig, StaticConfig, ForesightConfig)):
+            return make_config(policy.name, **{**policy.to_dict(), **overrides, "policy": None}) if overrides else policy
+        name = policy or "foresight"
+        if name == "foresight":
+            defaults = dict(self.manifest.data["foresight_defaults"])
+            defaults.update({k: v for k, v in overrides.items() if v is not None})
+            return make_config(name, **defaults)
+        return make_config(name, **overrides)
+
+    # ---------------------------------------------------------------- generate
+    @torch.no_grad()
+    def generate(self, prompt: str, negative_prompt: str | None = None, num_frames: int | None = None,
+                 height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, seed: int = 0, policy=None, progress: bool = False,
+                 decode: bool = True, **policy_overrides) -> GenerationResult:
+        t_start = time.perf_counter()
+        p = self.parts.config
+        config = self.make_policy(policy, **policy_overrides)
+        frames, height, width = self.resolve_shape(num_frames, height, width)
+        steps = int(num_inference_steps or p["default_steps"])
+        if steps < 1:
+            raise ShapeError(f"--steps must be >= 1 (got {steps})")
+        guidance_scale = p["default_guidance"] if guidance_scale is None else float(guidance_scale)
+        negative_prompt = p["default_negative_prompt"] if negative_prompt is None else negative_prompt
+        cfg = guidance_scale > 1.0
+
+        t0 = time.perf_counter()
+        prompt_embeds = self.parts.encode_prompt(prompt, negative_prompt, cfg)
+        text_seconds = time.perf_counter() - t0
+
+        scheduler = self.parts.new_scheduler()
+        scheduler.set_timesteps(steps, device=self.device)
+        latents, generator = self.parts.initial_latents(scheduler, frames, height, width, seed)
+        step_kwargs = self.parts.step_kwargs(scheduler, generator)
+        learned_sigma = self.parts.uses_learned_sigma(scheduler)
+
+        batch = 2 if cfg else 1
+        f = p["vae_scale_factor"] * p["patch_size"]
+        dims = self.manifest.bind_dims(B=batch, F=frames, h=height // f, w=width // f, T=prompt_embeds.shape[1])
+        pool = self.pool(dims)
+        pool.reset()
+        pool.stem_in["encoder_hidden_states"].copy_(prompt_embeds)
+        controller = make_controller(config, self.num_layers, len(self.probes))
+        calls_before = sum(self.backend.calls[layer["name"]] for layer in self.manifest.layers)
+
+        t0 = time.perf_counter()
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(scheduler.timesteps), desc="denoise", unit="step")
+        for i, t in enumerate(scheduler.timesteps):
+            model_input = torch.cat([latents] * batch) if cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            pool.stem_in["latents"].copy_(model_input)
+            pool.stem_in["timestep"].fill_(float(t))
+            plan = controller.plan(i)
+            noise_pred = self._run_step(plan, pool, controller, i)
+            if cfg:
+                uncond, text = noise_pred.chunk(2)
+                noise_pred = uncond + guidance_scale * (text - uncond)
+            if not learned_sigma:
+                noise_pred = noise_pred.chunk(2, dim=1)[0]
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if bar is not None:
+                bar.set_postfix_str(f"layers {len(plan.computed)}/{self.num_layers}")
+                bar.update()
+        if bar is not None:
+            bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        denoise_seconds = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        video = self.parts.decode(latents) if decode else None
+        decode_seconds = time.perf_counter() - t0
+
+        summary = controller.summary()
+        calls = sum(self.backend.calls[layer["name"]] for layer in self.manifest.layers) - calls_before
+        stats = {
+            "policy": config.name,
+            "policy_config": config.to_dict(),
+            "backend": self.backend.name,
+            "device": str(self.device),
+            "prompt": prompt,
+            "seed": seed,
+            "frames": frames, "height": height, "width": width,
+            "guidance_scale": guidance_scale,
+            "steps": steps,
+            "num_layers": self.num_layers,
+            "layer_calls": summary["layer_calls"],
+            "layer_calls_skipped": summary["layer_calls_skipped"],
+            "skipped_share": summary["layer_calls_skipped"] / max(1, steps * self.num_layers),
+            "layer_engine_calls": calls,
+            "bytes_copied": pool.bytes_copied,
+            "buffer_bytes": pool.bytes_allocated,
+            "text_encode_seconds": text_seconds,
+            "denoise_seconds": denoise_seconds,
+            "decode_seconds": decode_seconds,
+            "total_seconds": time.perf_counter() - t_start,
+            "trace": controller.trace,
+        }
+        return GenerationResult(frames=video, latents=latents, stats=stats, trace=stats["trace"])
+
+    def _resolve(self, source: str, pool: BufferPool, state: dict) -> torch.Tensor:
+        kind, name = source.split(":", 1)
+        return state[name] if kind == "state" else pool.stem_out[name]
+
+    def _run_step(self, plan, pool: BufferPool, controller, step: int) -> torch.Tensor:
+        """Execute one planned step; returns the head's output (a buffer, valid until the next step)."""
+        flow, manifest, backend = self.manifest.flow, self.manifest, self.backend
+        num_probes = len(self.probes)
+        stats = pool.stats
+        backend.run("stem", pool.stem_in, pool.stem_out)
+        if plan.source is None:
+            state = {s: pool.stem_out[o] for s, o in flow["state_init"].items()}
+        else:
+            cached = pool.cached(plan.source[0])
+            state = {s: cached[o] for s, o in flow["layer_state_out"].items()}
+        offset = self.num_layers * num_probes
+        for layer in plan.computed:
+            spec = manifest.layers[layer]
+            inputs = {io["name"]: self._resolve(flow["layer_inputs"][io["name"]], pool, state) for io in spec["inputs"]}
+            out = pool.scratch(layer)
+            backend.run(spec["name"], inputs, out)
+            if plan.measure:
+                old = pool.cached(layer)
+                for k, probe in enumerate(self.probes):
+                    stats[layer * num_probes + k] = torch.mean(torch.square(out[probe] - old[probe]))
+            stats[offset + layer] = torch.isfinite(out[self.probes[-1]]).all()
+            pool.commit(layer)
+            state = {s: out[o] for s, o in flow["layer_state_out"].items()}
+        head_inputs = {io["name"]: self._resolve(flow["head_inputs"][io["name"]], pool, state)
+                       for io in manifest.head["inputs"]}
+        backend.run("head", head_inputs, pool.head_out)
+        result = pool.head_out[flow["head_output"]]
+        stats[-1] = torch.isfinite(result).all()
+        host = stats.tolist()  # the step's single device-to-host transfer
+        for layer in plan.computed:
+            if not host[offset + layer]:
+                raise NumericsError(
+                    f"layer {layer} ({manifest.layers[layer]['name']}) produced NaN/Inf at step {step}: "
+                    f"check the engines with foresight-export's validation, the input shapes and the precision"
+                )
+        if not host[-1]:
+            raise NumericsError(f"the head produced NaN/Inf at step {step}: check the inputs and the engines")
+        if plan.measure:
+            controller.observe([host[l * num_probes:(l + 1) * num_probes] for l in plan.computed])
+        return result
