@@ -27,6 +27,7 @@ class PipelineParts:
         import diffusers
         import transformers
 
+        transformers.utils.logging.disable_progress_bar()  # one line per weight file is noise in a CLI
         p = manifest.pipeline
         if p.get("type") != "latte":
             raise ManifestError(f"pipeline type {p.get('type')!r} is not supported by this runtime version; upgrade foresight-dit")
@@ -103,7 +104,8 @@ class PipelineParts:
         import numpy as np
 
         frames = latents.shape[2]
-        x = latents.permute(0, 2, 1, 3, 4).flatten(0, 1) / self.vae.config.scaling_factor  # (F, C, h, w)
+        # Written as diffusers writes it (1/s * x, not x/s): the last bit matters for bit-identical frames.
+        x = 1 / self.vae.config.scaling_factor * latents.permute(0, 2, 1, 3, 4).flatten(0, 1)  # (F, C, h, w)
         chunk = self.config.get("decode_chunk_size", 14)
         video = torch.cat([self.vae.decode(x[i:i + chunk]).sample for i in range(0, x.shape[0], chunk)])
         video = video.reshape(-1, frames, *video.shape[1:]).permute(0, 2, 1, 3, 4).float()  # (1, 3, F, H, W)

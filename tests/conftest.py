@@ -1,0 +1,47 @@
+"""Shared fixtures: one export of the shipped tiny Latte per test session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+PRESET = Path(__file__).resolve().parent.parent / "exporter" / "presets" / "latte-tiny"
+
+
+@pytest.fixture(scope="session")
+def preset_dir() -> Path:
+    return PRESET
+
+
+@pytest.fixture(scope="session")
+def engines_dir(tmp_path_factory) -> Path:
+    """The tiny preset exported once (about 20 s); tests must not modify it."""
+    from exporter.export import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("engines") / "latte-tiny"
+    export(ExportOptions(model="latte", preset="tiny", out=out), progress=False)
+    return out
+
+
+@pytest.fixture()
+def engines_copy(engines_dir, tmp_path) -> Path:
+    """A private copy of the exported folder that a test may corrupt."""
+    dst = tmp_path / "engines"
+    shutil.copytree(engines_dir, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def runtime_ort(engines_dir):
+    from runtime import Runtime
+
+    return Runtime.load(engines_dir, backend="onnxruntime", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def runtime_torch(engines_dir):
+    from runtime import Runtime
+
+    return Runtime.load(engines_dir, backend="torch", device="cpu")

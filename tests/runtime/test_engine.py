@@ -1,0 +1,187 @@
+"""The executor follows the controller's plan: counters, buffer identity, probes, NaN, reset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import runtime.engine as engine_mod
+from foresight import Controller, ForesightConfig
+from runtime.errors import NumericsError, ShapeError
+
+PROMPT = "a red ball bouncing"
+
+
+class Spy:
+    """Wraps a backend: records each call's step, part and the buffers it was handed."""
+
+    def __init__(self, backend):
+        self.backend, self.records, self.step = backend, [], -1
+        self._orig = backend.run
+
+    def __enter__(self):
+        def run(part, inputs, outputs):
+            if part == "stem":
+                self.step += 1
+            self.records.append({
+                "step": self.step, "part": part,
+                "in_ptr": {k: v.data_ptr() for k, v in inputs.items()},
+                "out_ptr": {k: v.data_ptr() for k, v in outputs.items()},
+                "outputs": {k: v.clone() for k, v in outputs.items()} if part != "stem" else {},
+            })
+            self._orig(part, inputs, outputs)
+            for k, v in outputs.items():
+                self.records[-1]["outputs"][k] = v.clone()
+
+        self.backend.run = run
+        return self
+
+    def __exit__(self, *exc):
+        del self.backend.run  # back to the class method
+
+
+class Scripted(Controller):
+    """A controller whose decisions are given: (start, source, measure, store) per step."""
+
+    def __init__(self, script, num_layers, num_probes):
+        self.script = script
+        super().__init__(ForesightConfig(warmup=2, recalculate=1, threshold=0.0), num_layers, num_probes)
+
+    def _decide(self, t):
+        return self.script[t]
+
+
+def run_scripted(monkeypatch, rt, script, **kw):
+    monkeypatch.setattr(engine_mod, "make_controller",
+                        lambda config, L, P: Scripted(script, L, P))
+    with Spy(rt.backend) as spy:
+        result = rt.generate(PROMPT, num_inference_steps=len(script), seed=0, decode=False, **kw)
+    return result, spy
+
+
+def test_plan_is_followed_and_reuse_binds_cached_buffers(monkeypatch, runtime_ort):
+    L = runtime_ort.num_layers
+    script = [
+        (0, None, False, True),          # step 0: everything
+        (0, None, True, True),           # step 1: everything, measured
+        (2, (1, 1), True, True),         # step 2: layers 0-1 reused, start from layer 1's cache
+        (L, (L - 1, 1), False, False),   # step 3: whole stack reused
+        (0, None, True, True),           # step 4: everything again
+    ]
+    result, spy = run_scripted(monkeypatch, runtime_ort, script)
+    calls = {(r["step"], r["part"]) for r in spy.records}
+    layer = lambda i: f"layer_{i:03d}"
+    # Skipped layers' engines were never called; computed ones exactly once.
+    assert {p for s, p in calls if s == 2 and p.startswith("layer")} == {layer(2), layer(3)}
+    assert {p for s, p in calls if s == 3 and p.startswith("layer")} == set()
+    assert sum(1 for r in spy.records if r["part"].startswith("layer")) == result.stats["layer_engine_calls"]
+    assert result.stats["layer_calls"] == 5 * L - L - 2
+    assert result.stats["layer_calls_skipped"] == L + 2
+    assert result.stats["bytes_copied"] == 0
+    # Step 2: layer 2's hidden input IS layer 1's step-1 output buffer (bound, not copied).
+    l1_step1 = next(r for r in spy.records if r["step"] == 1 and r["part"] == layer(1))
+    l2_step2 = next(r for r in spy.records if r["step"] == 2 and r["part"] == layer(2))
+    assert l2_step2["in_ptr"]["hidden"] == l1_step1["out_ptr"]["hidden_out"]
+    # Step 3: the head reads the last layer's step-2 output buffer.
+    last_step2 = next(r for r in spy.records if r["step"] == 2 and r["part"] == layer(L - 1))
+    head_step3 = next(r for r in spy.records if r["step"] == 3 and r["part"] == "head")
+    assert head_step3["in_ptr"]["hidden"] == last_step2["out_ptr"]["hidden_out"]
+    # Ping-pong: a layer computed at consecutive steps alternates between two buffers.
+    l0 = [r["out_ptr"]["hidden_out"] for r in spy.records if r["part"] == layer(0)]
+    assert l0[0] != l0[1] and l0[0] == l0[2]
+
+
+def test_probe_mse_compares_like_with_like(monkeypatch, runtime_ort):
+    """Each probe's mse is against that probe's own previous output (the reference compared
+    the temporal output with the spatial cache)."""
+    script = [(0, None, False, True), (0, None, True, True), (0, None, True, True)]
+    result, spy = run_scripted(monkeypatch, runtime_ort, script)
+    for step in (1, 2):
+        for layer in range(runtime_ort.num_layers):
+            name = f"layer_{layer:03d}"
+            now = next(r for r in spy.records if r["step"] == step and r["part"] == name)["outputs"]
+            before = next(r for r in spy.records if r["step"] == step - 1 and r["part"] == name)["outputs"]
+            got = result.trace["steps"][step]["mse"][layer]
+            for k, probe in enumerate(("spatial", "hidden_out")):
+                want = float(torch.mean((now[probe] - before[probe]) ** 2))
+                assert got[k] == pytest.approx(want, rel=1e-6)
+            # The reference's bug (temporal output vs the spatial cache) gives a different number.
+            cross = float(torch.mean((now["hidden_out"] - before["spatial"]) ** 2))
+            like = float(torch.mean((now["hidden_out"] - before["hidden_out"]) ** 2))
+            assert abs(got[1] - like) < abs(got[1] - cross) / 10
+
+
+def test_foresight_counters_match_trace(runtime_ort):
+    with Spy(runtime_ort.backend) as spy:
+        result = runtime_ort.generate(PROMPT, num_inference_steps=20, seed=0, policy="foresight",
+                                      warmup=4, threshold=20.0, decode=False)
+    steps = result.trace["steps"]
+    assert result.stats["layer_calls_skipped"] > 0
+    for s in steps:
+        called = sorted(r["part"] for r in spy.records if r["step"] == s["step"] and r["part"].startswith("layer"))
+        assert called == [f"layer_{i:03d}" for i in s["computed"]]
+    assert result.stats["layer_engine_calls"] == sum(len(s["computed"]) for s in steps)
+    assert result.stats["bytes_copied"] == 0
+
+
+def test_static_policy_skips_whole_stack(runtime_ort):
+    r = runtime_ort.generate(PROMPT, num_inference_steps=10, seed=0, policy="static", warmup=2, reuse=1, period=2,
+                             decode=False)
+    computed = [len(s["computed"]) for s in r.trace["steps"]]
+    L = runtime_ort.num_layers
+    assert computed == [L, L, L, 0, L, 0, L, 0, L, 0]
+    assert r.stats["layer_engine_calls"] == sum(computed)
+
+
+def test_second_generation_behaves_like_the_first(runtime_ort):
+    kw = dict(num_inference_steps=12, seed=3, policy="foresight", warmup=4, threshold=20.0, decode=False)
+    a = runtime_ort.generate(PROMPT, **kw)
+    runtime_ort.generate("something else entirely", num_inference_steps=7, seed=9, policy="static")
+    b = runtime_ort.generate(PROMPT, **kw)
+    assert torch.equal(a.latents, b.latents)
+    assert a.trace["steps"] == b.trace["steps"]
+
+
+def test_backends_make_identical_decisions_under_foresight(runtime_ort, runtime_torch):
+    kw = dict(num_inference_steps=20, seed=0, policy="foresight", warmup=4, threshold=20.0)
+    a = runtime_ort.generate(PROMPT, **kw)
+    b = runtime_torch.generate(PROMPT, **kw)
+    assert [s["computed"] for s in a.trace["steps"]] == [s["computed"] for s in b.trace["steps"]]
+    assert a.stats["layer_calls_skipped"] > 0
+    rel = float((a.latents - b.latents).abs().max() / b.latents.abs().max())
+    assert rel < 1e-4
+    assert abs(a.frames.astype(int) - b.frames.astype(int)).max() <= 1
+
+
+def test_nan_in_a_layer_names_layer_and_step(monkeypatch, runtime_ort):
+    backend = runtime_ort.backend
+    orig = backend.run
+    state = {"step": -1}
+
+    def poisoned(part, inputs, outputs):
+        if part == "stem":
+            state["step"] += 1
+        orig(part, inputs, outputs)
+        if part == "layer_002" and state["step"] == 3:
+            outputs["hidden_out"][0, 0, 0, 0, 0] = float("nan")
+
+    monkeypatch.setattr(backend, "run", poisoned)
+    with pytest.raises(NumericsError, match=r"layer 2 .*step 3"):
+        runtime_ort.generate(PROMPT, num_inference_steps=6, seed=0, policy="none", decode=False)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(num_frames=17), r"frames=17 is outside .*\[2, 16\]"),
+    (dict(num_frames=1), r"frames=1 is outside"),
+    (dict(height=60), r"height=60 is not divisible by 8"),
+    (dict(width=4), r"width=4 is outside"),
+    (dict(height=1024), r"height=1024 is outside"),
+])
+def test_shapes_outside_the_built_profile(runtime_ort, kw, match):
+    with pytest.raises(ShapeError, match=match):
+        runtime_ort.generate(PROMPT, num_inference_steps=2, **kw)
+
+
+def test_non_default_shape_runs(runtime_ort):
+    r = runtime_ort.generate(PROMPT, num_inference_steps=2, num_frames=8, height=48, width=80, seed=0)
+    assert r.frames.shape == (8, 48, 80, 3)
