@@ -100,7 +100,7 @@ class Runtime:
         p = self.parts.config
         config = self.make_policy(policy, **policy_overrides)
         frames, height, width = self.resolve_shape(num_frames, height, width)
-        steps = int(num_inference_steps or p["default_steps"])
+        steps = int(p["default_steps"] if num_inference_steps is None else num_inference_steps)
         if steps < 1:
             raise ShapeError(f"--steps must be >= 1 (got {steps})")
         guidance_scale = p["default_guidance"] if guidance_scale is None else float(guidance_scale)

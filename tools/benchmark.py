@@ -166,10 +166,25 @@ def machine_info(device: str) -> dict:
         "onnxruntime_intra_op_threads": "default",
         "diffusers": diffusers.__version__,
         "device": device,
+        "loadavg_start": loadavg(),
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return info
+
+
+def loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
+def warn_if_busy(machine: dict, when: str) -> None:
+    load = loadavg()
+    if load and load[0] > 0.5 * machine["cpus_usable"]:
+        log(f"warning: load average {load[0]:.2f} on {machine['cpus_usable']} CPUs {when}: other processes compete "
+            "for the cores and the timings will be noisy; rerun on a quiet machine")
 
 
 # ------------------------------------------------------------------ runners
@@ -257,13 +272,14 @@ def json_float(value: float):
 
 
 def table(rows: list[dict]) -> str:
-    head = ["config", "denoise s (median)", "ms/step", "speedup", "layers skipped",
+    head = ["config", "denoise s (median)", "min-max s", "ms/step", "speedup", "layers skipped",
             "PSNR vs none (dB)", "PSNR vs diffusers (dB)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     for r in rows:
         name = r["config"] + ("" if r["deterministic"] else " (non-deterministic!)")
         lines.append("| " + " | ".join([
-            name, f"{r['median_seconds']:.3f}", f"{1000 * r['median_seconds'] / r['steps']:.1f}",
+            name, f"{r['median_seconds']:.3f}",
+            f"{min(r['samples_seconds']):.3f}-{max(r['samples_seconds']):.3f}", f"{1000 * r['median_seconds'] / r['steps']:.1f}",
             f"{r['speedup']:.2f}x", f"{100 * r['skipped_share']:.1f}%",
             fmt_db(r["psnr_vs_none"]), fmt_db(r["psnr_vs_diffusers"]),
         ]) + " |")
@@ -276,7 +292,8 @@ def markdown_section(report: dict) -> str:
         f"### {report['date']}: {c['model']}, {c['steps']} steps, {c['repeats']} repeats, {m['device']}\n\n"
         f"`{report['command']}`\n\n"
         f"{m['platform']}, {m['cpus_usable']} CPUs usable; torch {m['torch']} ({m['torch_num_threads']} threads), "
-        f"onnxruntime {m['onnxruntime']}, diffusers {m['diffusers']}. Prompt {c['prompt']!r}, seed {c['seed']}.\n\n"
+        f"onnxruntime {m['onnxruntime']}, diffusers {m['diffusers']}; load average {m['loadavg_start']} before, "
+        f"{m['loadavg_end']} after. Prompt {c['prompt']!r}, seed {c['seed']}.\n\n"
         f"{report['table']}\n\n"
     )
 
@@ -293,6 +310,7 @@ def run_benchmark(args, command: str) -> dict:
     manifest = load_manifest(engines)
     checkpoint = args.checkpoint or manifest.data["model"]["source"]["checkpoint"]
     machine = machine_info(args.device)
+    warn_if_busy(machine, "before the runs")
     log(f"{manifest.data['name']} from {checkpoint}: {args.steps} steps, 1 warm-up + {args.repeats} interleaved runs "
         f"per configuration; torch {machine['torch_num_threads']} threads, {machine['cpus_usable']} CPUs")
 
@@ -338,6 +356,8 @@ def run_benchmark(args, command: str) -> dict:
                 row.deterministic = False
             log(f"repeat {r}/{args.repeats} [{i}/{len(configs)}] {c.name}: {out.seconds:.3f} s")
 
+    machine["loadavg_end"] = loadavg()
+    warn_if_busy(machine, "after the runs")
     baseline = rows[BASELINE]
     results = []
     for c in configs:

@@ -5,13 +5,12 @@ import json
 from tools.benchmark import main
 
 
-def table_rows(text: str) -> dict[str, list[str]]:
-    rows = {}
-    for line in text.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("|") and cells[0] not in ("config", "---"):
-            rows[cells[0]] = cells
-    return rows
+def table_rows(text: str) -> dict[str, dict[str, str]]:
+    """The printed markdown table as {config: {column header: cell}}."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    split = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines]
+    head, body = split[0], split[2:]
+    return {cells[0]: dict(zip(head, cells)) for cells in body}
 
 
 def test_smoke_run_prints_both_rows_and_writes_json(engines_dir, tmp_path, capsys):
@@ -22,10 +21,11 @@ def test_smoke_run_prints_both_rows_and_writes_json(engines_dir, tmp_path, capsy
 
     rows = table_rows(capsys.readouterr().out)
     assert set(rows) == {"diffusers", "onnxruntime/none"}
-    for cells in rows.values():
-        assert float(cells[1]) > 0  # median denoise seconds
-    assert rows["diffusers"][3] == "1.00x"
-    assert rows["diffusers"][5] == rows["diffusers"][6] == rows["onnxruntime/none"][5] == "inf"
+    for row in rows.values():
+        assert float(row["denoise s (median)"]) > 0
+    assert rows["diffusers"]["speedup"] == "1.00x"
+    assert rows["diffusers"]["PSNR vs none (dB)"] == rows["diffusers"]["PSNR vs diffusers (dB)"] == "inf"
+    assert rows["onnxruntime/none"]["PSNR vs none (dB)"] == "inf"
 
     report = json.loads(out_json.read_text())
     assert report["config"]["steps"] == 2 and report["config"]["repeats"] == 1

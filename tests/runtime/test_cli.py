@@ -1,0 +1,141 @@
+"""foresight-run end to end, and every bad input: clear message, exit 2, no traceback, no file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from runtime.cli import main
+
+PROMPT = "a red ball bouncing"
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def test_end_to_end_writes_video_heatmap_stats_frames(engines_dir, tmp_path, capsys):
+    out, heat, stats, npy = (tmp_path / n for n in ("out.mp4", "reuse.png", "stats.json", "frames.npy"))
+    code, err = run_cli(capsys, "--engines", engines_dir, "--prompt", PROMPT, "--out", out, "--steps", 12,
+                        "--policy", "foresight", "--warmup", 4, "--threshold", 20,
+                        "--heatmap", heat, "--stats", stats, "--save-frames", npy)
+    assert code == 0, err
+    frames = np.load(npy)
+    assert frames.shape == (16, 64, 64, 3) and frames.dtype == np.uint8
+    video = iio.imread(out)
+    assert video.shape[0] == 16 and video.shape[1:3] == (64, 64)
+    # H.264 with 4:2:0 chroma is lossy on the random model's noisy frames: the video must still be
+    # far closer to its own frames than to the same frames one step out of order.
+    same = np.abs(video.astype(int) - frames.astype(int)).mean()
+    shifted = np.abs(video.astype(int) - np.roll(frames, 1, axis=0).astype(int)).mean()
+    assert same < 0.6 * shifted
+    assert iio.imread(heat).ndim == 3
+    data = json.loads(stats.read_text())
+    for key in ("policy", "backend", "steps", "num_layers", "layer_calls", "layer_calls_skipped",
+                "denoise_seconds", "total_seconds", "trace"):
+        assert key in data
+    assert data["policy"] == "foresight" and data["steps"] == 12 and data["num_layers"] == 4
+    assert data["layer_calls"] + data["layer_calls_skipped"] == 48
+    assert len(data["trace"]["steps"]) == 12
+    assert "skipped" in err and "denoise" in err and "decode" in err
+
+
+def test_gif_output_and_torch_backend(engines_dir, tmp_path, capsys):
+    out = tmp_path / "out.gif"
+    code, err = run_cli(capsys, "--engines", engines_dir, "--prompt", PROMPT, "--out", out, "--steps", 3,
+                        "--backend", "torch", "--policy", "none", "--frames", 8, "--height", 32, "--width", 48,
+                        "--quiet")
+    assert code == 0, err
+    assert iio.imread(out).shape[1:3] == (32, 48)
+
+
+def corrupt(folder: Path, how: str) -> None:
+    m = folder / "manifest.json"
+    data = json.loads(m.read_text())
+    if how == "json":
+        m.write_text("{ not json")
+    elif how == "fields":
+        del data["parts"]
+        m.write_text(json.dumps(data))
+    elif how == "schema":
+        data["schema_version"] = 99
+        m.write_text(json.dumps(data))
+    elif how == "hash":
+        layer = folder / data["parts"]["layers"][1]["file"]
+        layer.write_bytes(layer.read_bytes()[:-10] + b"0123456789")
+    elif how == "missing-file":
+        (folder / data["parts"]["layers"][2]["file"]).unlink()
+
+
+@pytest.mark.parametrize("how, message", [
+    ("json", r"is not valid JSON.*re-export"),
+    ("fields", r"misses required field\(s\) parts"),
+    ("schema", r"schema version 99, newer than this runtime's 1: upgrade"),
+    ("hash", r"layer_001.onnx does not match the sha256.*re-export"),
+    ("missing-file", r"layer_002.onnx listed in the manifest is missing"),
+])
+def test_bad_engines_folder(engines_copy, tmp_path, capsys, how, message):
+    corrupt(engines_copy, how)
+    out = tmp_path / "out.mp4"
+    code, err = run_cli(capsys, "--engines", engines_copy, "--prompt", PROMPT, "--out", out, "--steps", 2)
+    assert code == 2
+    assert err.startswith("foresight-run: error: ")
+    assert __import__("re").search(message, err), err
+    assert "Traceback" not in err
+    assert list(tmp_path.glob("out*")) == [] and list(tmp_path.glob(".out*")) == []
+
+
+def test_missing_engines_folder(tmp_path, capsys):
+    code, err = run_cli(capsys, "--engines", tmp_path / "nope", "--prompt", PROMPT, "--out", tmp_path / "o.mp4")
+    assert code == 2 and "does not exist: build it with `foresight-export" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--frames", 40), r"frames=40 is outside the exported range \[2, 16\]"),
+    (("--height", 66), r"height=66 is not divisible by 8 .*pass --height 64 or 72"),
+    (("--width", 512), r"width=512 is outside"),
+    (("--warmup", 1), r"warmup must be >= 2"),
+    (("--threshold", -1), r"threshold"),
+    (("--recalculate", 0), r"recalculate"),
+    (("--policy", "none", "--threshold", 0.5), r"--threshold do\(es\) not apply to --policy none"),
+    (("--policy", "static", "--reuse", 2, "--period", 2), r"reuse"),
+    (("--steps", 0), r"--steps must be >= 1"),
+])
+def test_bad_generation_arguments(engines_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "out.mp4"
+    code, err = run_cli(capsys, "--engines", engines_dir, "--prompt", PROMPT, "--out", out, "--steps", 2, *args)
+    assert code == 2, err
+    assert __import__("re").search(message, err), err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("target, message", [
+    ("missing/out.mp4", r"does not exist"),
+    ("file.txt/out.mp4", r"not a folder|does not exist|not writable"),
+    ("out.avi", r"\.mp4"),
+])
+def test_bad_output_path(engines_dir, tmp_path, capsys, target, message):
+    (tmp_path / "file.txt").write_text("x")
+    code, err = run_cli(capsys, "--engines", engines_dir, "--prompt", PROMPT, "--out", tmp_path / target)
+    assert code == 2
+    assert __import__("re").search(message, err), err
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "runtime.cli", "--engines", str(tmp_path / "missing"), "--prompt", "x",
+         "--out", str(tmp_path / "o.mp4")],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "foresight-run: error:" in proc.stderr
