@@ -105,22 +105,30 @@ def export_part(part, dims_spec: dict, path: Path, generator) -> None:
             input_names=[s.name for s in part.inputs], output_names=[s.name for s in part.outputs],
             dynamic_shapes=dynamic_shapes(part.inputs, dims_spec), external_data=False, verbose=False,
         )
-    check_symbolic(path, part)
+    normalize_onnx(path, part)
 
 
-def check_symbolic(path: Path, part) -> None:
-    """The exported graph's symbolic inputs must really be dynamic (torch once fixed them silently)."""
+def normalize_onnx(path: Path, part) -> None:
+    """Check the graph's dims really are dynamic, name them as the manifest does, and drop
+    exporter metadata (stack traces with local paths, constraint lists in hash-seed order),
+    so the same weights always give the same file and sha256."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    for spec, inp in zip(part.inputs, model.graph.input):
-        dims = inp.type.tensor_type.shape.dim
-        for want, got in zip(spec.shape, dims):
-            if isinstance(want, str) and got.HasField("dim_value"):
-                raise ExportError(
-                    f"{path.name}: input {spec.name} dimension {want} was exported as the fixed size "
-                    f"{got.dim_value}; the part's forward must not specialise on it"
-                )
+    for specs, values in ((part.inputs, model.graph.input), (part.outputs, model.graph.output)):
+        for spec, value in zip(specs, values):
+            for want, got in zip(spec.shape, value.type.tensor_type.shape.dim):
+                if isinstance(want, str):
+                    if got.HasField("dim_value"):
+                        raise ExportError(
+                            f"{path.name}: {spec.name} dimension {want} was exported as the fixed size "
+                            f"{got.dim_value}; the part's forward must not specialise on it"
+                        )
+                    got.dim_param = want
+    del model.metadata_props[:]
+    for node in model.graph.node:
+        del node.metadata_props[:]
+    onnx.save(model, str(path))
 
 
 def validate_part(part, path: Path, dims_spec: dict, generator) -> list[dict]:
@@ -192,6 +200,8 @@ def export(opts: ExportOptions, progress=True) -> Path:
     out = Path(opts.out)
     if out.exists() and not opts.overwrite:
         raise ExportError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder: choose another --out")
     if not out.parent.is_dir():
         raise ExportError(f"the parent folder of --out {out} does not exist: create it first")
     if not os.access(out.parent, os.W_OK):
@@ -260,6 +270,9 @@ def export(opts: ExportOptions, progress=True) -> Path:
             "export_seconds": round(time.perf_counter() - t0, 2),
         }
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the folder should be as readable as any other
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

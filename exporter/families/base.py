@@ -57,8 +57,10 @@ def load_components(family, model_path: str, transformer_cls) -> LoadedModel:
     import diffusers
     import transformers
 
-    path = Path(model_path)
+    path = Path(model_path).expanduser()
     looks_local = path.exists() or model_path.startswith((".", "/", "~"))
+    if looks_local:
+        model_path = str(path)
     if looks_local:
         if not path.is_dir():
             raise ModelError(f"checkpoint folder {model_path} does not exist: pass a diffusers-format folder to --model-path")

@@ -4,7 +4,9 @@ Between parts the hidden state travels as ``(B, F, h, w, D)``: batch (CFG double
 frames, token grid rows/cols, hidden size. Keeping h and w as separate axes lets every
 part export with independent dynamic dims and lets the head unpatchify without knowing
 the resolution from elsewhere. Every module below reproduces
-``LatteTransformer3DModel.forward`` exactly, op for op, on its slice of the model.
+``LatteTransformer3DModel.forward`` exactly, op for op, on its slice of the model, for
+2 <= frames <= video_length (diffusers skips the temporal position table at F == 1 and
+fails for other F; we slice the table, and the exported range starts at F = 2).
 """
 
 from __future__ import annotations
