@@ -298,32 +298,11 @@ def test_model_path_export_matches_the_preset_export(model_path_export, engines_
     assert other["model"]["source"] == {"checkpoint": str(r.ckpt.resolve()), "preset": None}
     assert other["model"]["config"]["num_layers"] == manifest["model"]["config"]["num_layers"]
 
-    # Same weights give byte-identical layer and head files. The stem is compared without
-    # hashes: torch writes the ExportedProgram's range_constraints into graph.metadata_props
-    # in an order that depends on PYTHONHASHSEED (its derived 2*h / 2*w symbols), so
-    # stem.onnx bytes differ between processes. The graphs without that metadata must be
-    # identical, and both stems must give identical outputs on the same inputs.
+    # Same weights give byte-identical files: the exporter strips torch's metadata (stack
+    # traces with local paths, constraint lists in PYTHONHASHSEED order) after export.
     for mine, theirs in zip(all_parts(other), all_parts(manifest)):
         assert mine["name"] == theirs["name"]
-        a = onnx.load(str(r.out / mine["file"]))
-        b = onnx.load(str(engines_dir / theirs["file"]))
-        del a.graph.metadata_props[:]
-        del b.graph.metadata_props[:]
-        assert a.graph.SerializeToString() == b.graph.SerializeToString(), mine["name"]
-        if mine["name"] != "stem":
-            assert mine["sha256"] == theirs["sha256"], mine["name"]
-
-    rng = np.random.default_rng(5)
-    feeds = {
-        "latents": rng.standard_normal((1, 4, 6, 10, 14), dtype=np.float32),
-        "timestep": np.array([537.0], dtype=np.float32),
-        "encoder_hidden_states": rng.standard_normal((1, 9, 64), dtype=np.float32),
-    }
-    outs = [ort.InferenceSession(str(folder / "stem.onnx"), providers=["CPUExecutionProvider"]).run(None, feeds)
-            for folder in (r.out, engines_dir)]
-    assert len(outs[0]) == len(outs[1]) == 4
-    for x, y in zip(*outs):
-        assert np.array_equal(x, y)
+        assert mine["sha256"] == theirs["sha256"], mine["name"]
 
 
 # --- CLI errors -----------------------------------------------------------------------------
