@@ -180,11 +180,11 @@ def loadavg() -> list[float] | None:
         return None
 
 
-def warn_if_busy(machine: dict, when: str) -> None:
-    load = loadavg()
+def warn_if_busy(machine: dict) -> None:
+    load = machine["loadavg_start"]
     if load and load[0] > 0.5 * machine["cpus_usable"]:
-        log(f"warning: load average {load[0]:.2f} on {machine['cpus_usable']} CPUs {when}: other processes compete "
-            "for the cores and the timings will be noisy; rerun on a quiet machine")
+        log(f"warning: load average {load[0]:.2f} on {machine['cpus_usable']} CPUs before the runs: other processes "
+            "compete for the cores and the timings will be noisy; rerun on a quiet machine")
 
 
 # ------------------------------------------------------------------ runners
@@ -310,7 +310,7 @@ def run_benchmark(args, command: str) -> dict:
     manifest = load_manifest(engines)
     checkpoint = args.checkpoint or manifest.data["model"]["source"]["checkpoint"]
     machine = machine_info(args.device)
-    warn_if_busy(machine, "before the runs")
+    warn_if_busy(machine)
     log(f"{manifest.data['name']} from {checkpoint}: {args.steps} steps, 1 warm-up + {args.repeats} interleaved runs "
         f"per configuration; torch {machine['torch_num_threads']} threads, {machine['cpus_usable']} CPUs")
 
@@ -356,8 +356,7 @@ def run_benchmark(args, command: str) -> dict:
                 row.deterministic = False
             log(f"repeat {r}/{args.repeats} [{i}/{len(configs)}] {c.name}: {out.seconds:.3f} s")
 
-    machine["loadavg_end"] = loadavg()
-    warn_if_busy(machine, "after the runs")
+    machine["loadavg_end"] = loadavg()  # recorded, not judged: this process's own runs raise it
     baseline = rows[BASELINE]
     results = []
     for c in configs:
