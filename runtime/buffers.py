@@ -4,7 +4,7 @@ Each layer owns two buffer sets (ping-pong) for all of its outputs. A computed l
 writes into its *other* set, the probe mse is taken between the new set and the current
 one (the cache), and the index flips: no copy ever moves a cached output. Reusing layer
 k binds k's current set as layer k+1's input. The per-step statistics (mse of every probe
-and a finite-check of every computed output) live in one device vector, so a step needs
+and a finite-check of the head's output) live in one device vector, so a step needs
 exactly one device-to-host transfer.
 """
 
@@ -31,8 +31,8 @@ class BufferPool:
         self.current = [0] * manifest.num_layers
         self.probes = list(manifest.flow["probes"])
         num_layers, num_probes = manifest.num_layers, len(self.probes)
-        # stats = [mse (L*P) | finite flag per layer (L) | head finite flag (1)], one transfer per step.
-        self.stats = torch.zeros(num_layers * num_probes + num_layers + 1, device=self.device, dtype=torch.float32)
+        # stats = [mse of every probe (L*P) | head output finite (1)]: one transfer per step.
+        self.stats = torch.zeros(num_layers * num_probes + 1, device=self.device, dtype=torch.float32)
         self.bytes_copied = 0  # bytes moved between cached buffers by the runtime (stays 0: reuse binds)
         self.bytes_allocated = sum(
             t.numel() * t.element_size()

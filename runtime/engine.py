@@ -132,22 +132,9 @@ class Runtime:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(scheduler.timesteps), desc="denoise", unit="step")
-        for i, t in enumerate(scheduler.timesteps):
-            model_input = torch.cat([latents] * batch) if cfg else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            pool.stem_in["latents"].copy_(model_input)
-            pool.stem_in["timestep"].fill_(float(t))
-            plan = controller.plan(i)
-            noise_pred = self._run_step(plan, pool, controller, i)
-            if cfg:
-                uncond, text = noise_pred.chunk(2)
-                noise_pred = uncond + guidance_scale * (text - uncond)
-            if not learned_sigma:
-                noise_pred = noise_pred.chunk(2, dim=1)[0]
-            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-            if bar is not None:
-                bar.set_postfix_str(f"layers {len(plan.computed)}/{self.num_layers}")
-                bar.update()
+        with self.backend.denoise_context():
+            latents = self._denoise(scheduler, latents, pool, controller, guidance_scale if cfg else None,
+                                    learned_sigma, step_kwargs, bar)
         if bar is not None:
             bar.close()
         if self.device.type == "cuda":
@@ -185,6 +172,44 @@ class Runtime:
         }
         return GenerationResult(frames=video, latents=latents, stats=stats, trace=stats["trace"])
 
+    def _denoise(self, scheduler, latents, pool, controller, guidance_scale, learned_sigma, step_kwargs, bar):
+        """The denoising loop (LattePipeline's, step for step); ``guidance_scale`` None = no CFG."""
+        cfg = guidance_scale is not None
+        for i, t in enumerate(scheduler.timesteps):
+            model_input = torch.cat([latents] * 2) if cfg else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            pool.stem_in["latents"].copy_(model_input)
+            pool.stem_in["timestep"].fill_(float(t))
+            plan = controller.plan(i)
+            noise_pred = self._run_step(plan, pool, controller, i)
+            if cfg:
+                uncond, text = noise_pred.chunk(2)
+                noise_pred = uncond + guidance_scale * (text - uncond)
+            if not learned_sigma:
+                noise_pred = noise_pred.chunk(2, dim=1)[0]
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if bar is not None:
+                bar.set_postfix_str(f"layers {len(plan.computed)}/{self.num_layers}")
+                bar.update()
+        return latents
+
+    def _name_non_finite(self, plan, pool: BufferPool, step: int) -> None:
+        """The head's output is not finite: find the first part that produced NaN/Inf.
+
+        Only the head is checked every step (NaN/Inf propagate through attention and
+        normalisation to it); this search runs once, on the error path, while every computed
+        layer's output of the step is still in its buffer.
+        """
+        main = self.probes[-1]
+        suspects = list(plan.computed) if plan.source is None else [plan.source[0], *plan.computed]
+        for layer in suspects:
+            if not bool(torch.isfinite(pool.cached(layer)[main]).all()):
+                raise NumericsError(
+                    f"layer {layer} ({self.manifest.layers[layer]['name']}) produced NaN/Inf at step {step}: "
+                    f"check the engines with foresight-export's validation, the input shapes and the precision"
+                )
+        raise NumericsError(f"the head produced NaN/Inf at step {step}: check the inputs and the engines")
+
     def _resolve(self, source: str, pool: BufferPool, state: dict) -> torch.Tensor:
         kind, name = source.split(":", 1)
         return state[name] if kind == "state" else pool.stem_out[name]
@@ -200,7 +225,6 @@ class Runtime:
         else:
             cached = pool.cached(plan.source[0])
             state = {s: cached[o] for s, o in flow["layer_state_out"].items()}
-        offset = self.num_layers * num_probes
         for layer in plan.computed:
             spec = manifest.layers[layer]
             inputs = {io["name"]: self._resolve(flow["layer_inputs"][io["name"]], pool, state) for io in spec["inputs"]}
@@ -210,7 +234,6 @@ class Runtime:
                 old = pool.cached(layer)
                 for k, probe in enumerate(self.probes):
                     stats[layer * num_probes + k] = torch.mean(torch.square(out[probe] - old[probe]))
-            stats[offset + layer] = torch.isfinite(out[self.probes[-1]]).all()
             pool.commit(layer)
             state = {s: out[o] for s, o in flow["layer_state_out"].items()}
         head_inputs = {io["name"]: self._resolve(flow["head_inputs"][io["name"]], pool, state)
@@ -219,14 +242,8 @@ class Runtime:
         result = pool.head_out[flow["head_output"]]
         stats[-1] = torch.isfinite(result).all()
         host = stats.tolist()  # the step's single device-to-host transfer
-        for layer in plan.computed:
-            if not host[offset + layer]:
-                raise NumericsError(
-                    f"layer {layer} ({manifest.layers[layer]['name']}) produced NaN/Inf at step {step}: "
-                    f"check the engines with foresight-export's validation, the input shapes and the precision"
-                )
         if not host[-1]:
-            raise NumericsError(f"the head produced NaN/Inf at step {step}: check the inputs and the engines")
+            self._name_non_finite(plan, pool, step)
         if plan.measure:
             controller.observe([host[l * num_probes:(l + 1) * num_probes] for l in plan.computed])
         return result
