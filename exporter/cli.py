@@ -26,8 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-scale", type=int, default=2,
                     help="largest supported resolution as a multiple of the model's training size (default 2)")
     ap.add_argument("--tolerance", type=float, default=1e-4, help="max relative error ONNX vs PyTorch (fp32: 1e-4)")
-    ap.add_argument("--backend", choices=["onnxruntime"], default="onnxruntime",
-                    help="engine format; onnxruntime runs the ONNX files directly")
+    ap.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
+                    help="onnxruntime runs the ONNX files directly; tensorrt also builds one engine per file "
+                         "(needs tensorrt and an NVIDIA GPU; an existing --out is updated, unchanged engines reused)")
+    ap.add_argument("--workspace", type=int, default=None, help="TensorRT workspace limit in MiB")
     return ap
 
 
@@ -40,8 +42,16 @@ def main(argv: list[str] | None = None) -> int:
         tag = args.preset or Path(args.model_path.rstrip("/")).name
         out = Path("engines") / f"{args.model}-{tag}"
     try:
+        if args.backend == "tensorrt":
+            from .tensorrt_build import require_tensorrt
+
+            require_tensorrt()  # say what to install before spending minutes on ONNX export
         folder = export(ExportOptions(model=args.model, out=out, model_path=args.model_path, preset=args.preset,
                                       overwrite=args.overwrite, tolerance=args.tolerance, max_scale=args.max_scale))
+        if args.backend == "tensorrt":
+            from .tensorrt_build import build_engines
+
+            build_engines(folder, workspace=args.workspace and args.workspace << 20)
     except ForesightError as exc:
         print(f"foresight-export: error: {exc}", file=sys.stderr)
         return 2

@@ -156,6 +156,22 @@ def validate_part(part, path: Path, dims_spec: dict, generator) -> list[dict]:
     return results
 
 
+def foresight_defaults(family, source: str) -> dict:
+    """The checkpoint's own Foresight defaults (``foresight.json``, picked by a sweep for
+    that model) when it ships them, else the family's."""
+    from foresight import make_config
+
+    path = Path(source) / "foresight.json"
+    if not path.is_file():
+        return family.foresight_defaults()
+    try:
+        values = json.loads(path.read_text())
+        config = make_config("foresight", **{k: values[k] for k in ("warmup", "recalculate", "threshold")})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ExportError(f"{path} is not a valid Foresight config ({exc}): fix or delete it") from exc
+    return {k: v for k, v in config.to_dict().items() if k != "policy"}
+
+
 def save_components(components: dict, out: Path) -> None:
     for name in COMPONENTS:
         comp = components[name]
@@ -265,7 +281,7 @@ def export(opts: ExportOptions, progress=True) -> Path:
             "parts": {"stem": entries[0], "layers": entries[1:-1], "head": entries[-1]},
             "flow": family.flow(),
             "pipeline": pipeline,
-            "foresight_defaults": family.foresight_defaults(),
+            "foresight_defaults": foresight_defaults(family, loaded.source),
             "validation": {"tolerance": opts.tolerance, "reference": "torch eager fp32", "runner": "onnxruntime CPU"},
             "export_seconds": round(time.perf_counter() - t0, 2),
         }

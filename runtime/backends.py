@@ -18,7 +18,7 @@ import torch
 from .errors import BackendError
 from .manifest import Manifest
 
-BACKENDS = ("onnxruntime", "torch")
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
 
 
 class Backend:
@@ -157,9 +157,80 @@ class TorchBackend(Backend):
             outputs[name].copy_(value)
 
 
+class TensorRTBackend(Backend):
+    """TensorRT engines on CUDA, one execution context per part, all contexts sharing one
+    scratch buffer (parts run one after another); torch CUDA tensors are the I/O buffers.
+
+    Written to the TensorRT 10.12+/11 API facts in shared/reference/tensorrt-onnx-notes.md;
+    every call below is listed in ``TRT_API`` so a test can check the names exist wherever
+    tensorrt is importable.
+    """
+
+    name = "tensorrt"
+    TRT_API = ("Logger", "Runtime", "ExecutionContextAllocationStrategy", "TensorIOMode",
+               "ICudaEngine.num_io_tensors", "ICudaEngine.get_tensor_name", "ICudaEngine.get_tensor_mode",
+               "ICudaEngine.device_memory_size_v2", "ICudaEngine.create_execution_context",
+               "IExecutionContext.set_device_memory", "IExecutionContext.set_input_shape",
+               "IExecutionContext.set_tensor_address", "IExecutionContext.execute_async_v3")
+
+    def __init__(self, manifest: Manifest, device: torch.device):
+        super().__init__(manifest, device)
+        from exporter.tensorrt_build import check_runtime_compat, device_identity, require_tensorrt
+
+        trt = require_tensorrt()
+        if self.device.type != "cuda":
+            raise BackendError("the tensorrt backend runs on CUDA only: pass --device cuda")
+        section = manifest.data.get("tensorrt")
+        check_runtime_compat(section, trt.__version__, device_identity(), manifest.root)
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self._logger)
+        self.engines, self.contexts = {}, {}
+        for part in manifest.all_parts:
+            entry = section["engines"].get(part["name"])
+            path = manifest.path(entry["file"]) if entry else None
+            if path is None or not path.is_file():
+                raise BackendError(f"no TensorRT engine for {part['name']}: re-export with --backend tensorrt")
+            engine = runtime.deserialize_cuda_engine(path.read_bytes())
+            if engine is None:
+                raise BackendError(f"TensorRT could not load {path}: re-export with --backend tensorrt")
+            self.engines[part["name"]] = engine
+            self.loaded += 1
+        # One scratch allocation for all contexts, sized to the largest requirement.
+        size = max(int(e.device_memory_size_v2) for e in self.engines.values())
+        self.scratch = torch.empty(max(size, 1), dtype=torch.uint8, device=self.device)
+        strategy = trt.ExecutionContextAllocationStrategy.USER_MANAGED
+        for name, engine in self.engines.items():
+            ctx = engine.create_execution_context(strategy)
+            ctx.set_device_memory(self.scratch.data_ptr(), self.scratch.numel())
+            self.contexts[name] = ctx
+        # A non-default stream: TensorRT syncs extra on the legacy default stream.
+        self.stream = torch.cuda.Stream(device=self.device)
+
+    @contextlib.contextmanager
+    def denoise_context(self):
+        """All torch glue of the loop runs on the engines' stream, so no cross-stream syncs are needed."""
+        outer = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(outer)  # inputs staged before the loop
+        with torch.cuda.stream(self.stream):
+            yield
+        outer.wait_stream(self.stream)  # decoding after the loop sees the final latents
+
+    def _run(self, part, inputs, outputs):
+        ctx = self.contexts[part]
+        for name, t in inputs.items():
+            ctx.set_input_shape(name, tuple(t.shape))
+            ctx.set_tensor_address(name, t.data_ptr())
+        for name, t in outputs.items():
+            ctx.set_tensor_address(name, t.data_ptr())
+        if not ctx.execute_async_v3(self.stream.cuda_stream):
+            raise BackendError(f"TensorRT failed to enqueue {part}; check the shapes against the engine's profile")
+
+
 def make_backend(name: str, manifest: Manifest, device, **kwargs) -> Backend:
     if name == "onnxruntime":
         return OnnxRuntimeBackend(manifest, device, **kwargs)
     if name == "torch":
         return TorchBackend(manifest, device, **kwargs)
+    if name == "tensorrt":
+        return TensorRTBackend(manifest, device, **kwargs)
     raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")

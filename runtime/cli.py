@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = ap.add_argument_group("static reuse (policy static)")
     s.add_argument("--reuse", type=int, default=None, help="reuse the whole stack N steps ...")
     s.add_argument("--period", type=int, default=None, help="... out of every R")
-    ap.add_argument("--backend", choices=["onnxruntime", "torch"], default="onnxruntime")
+    ap.add_argument("--backend", choices=["onnxruntime", "torch", "tensorrt"], default="onnxruntime",
+                    help="tensorrt needs engines built with foresight-export --backend tensorrt and a GPU")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--checkpoint", default=None, help="torch backend: the source checkpoint if it moved")
     ap.add_argument("--stats", type=Path, default=None, help="write stats and the decision trace as JSON")

@@ -1,0 +1,167 @@
+"""Build one TensorRT engine per exported ONNX file (``foresight-export --backend tensorrt``).
+
+Written to the TensorRT 10.12+/11 facts in shared/reference/tensorrt-onnx-notes.md:
+strongly typed networks (precision comes from the ONNX file, no precision flags), one
+optimisation profile per engine from the manifest's dims ranges (CFG batch included), one
+timing cache shared by every layer and saved next to the engines, an optional workspace
+limit. An engine is rebuilt only when its ONNX hash, the TensorRT version, the GPU or the
+profile differ from what the manifest recorded.
+
+Nothing here runs on machines without tensorrt and a GPU; the pure parts (profiles, the
+rebuild decision, the manifest section) are tested everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from runtime.errors import BackendError
+from runtime.manifest import MANIFEST_NAME, Manifest, sha256_file
+
+TIMING_CACHE = "timing.cache"
+
+
+def require_tensorrt():
+    """Import tensorrt and check for a CUDA GPU, or say exactly what to install."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BackendError(
+            "TensorRT is not installed: on a machine with an NVIDIA GPU run "
+            "pip install 'foresight-dit[tensorrt]' (tensorrt and polygraphy), then re-run with --backend tensorrt; "
+            "without a GPU use --backend onnxruntime"
+        ) from None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendError("TensorRT engines need an NVIDIA GPU and none is visible here: use --backend onnxruntime")
+    return trt
+
+
+def dims_at(dims_spec: dict, which: str) -> dict[str, int]:
+    """Every symbol's value at the profile's min, opt or max (derived symbols follow their base)."""
+    values = {s: v[which] for s, v in dims_spec.items() if "of" not in v}
+    for s, v in dims_spec.items():
+        if "of" in v:
+            values[s] = values[v["of"]] * v["times"]
+    return values
+
+
+def profile_shapes(part: dict, dims_spec: dict) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """(min, opt, max) shape of every input of a part, from the manifest's symbolic shapes."""
+    at = {w: dims_at(dims_spec, w) for w in ("min", "opt", "max")}
+    return {io["name"]: tuple(Manifest.shape_of(io, at[w]) for w in ("min", "opt", "max")) for io in part["inputs"]}
+
+
+def device_identity() -> dict:
+    import torch
+
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {"name": props.name, "compute_capability": f"{props.major}.{props.minor}"}
+
+
+def needs_rebuild(recorded: dict | None, onnx_sha256: str, trt_version: str, device: dict, profile: dict,
+                  engine_path: Path) -> str | None:
+    """Why an engine must be (re)built, or None when the recorded one still fits."""
+    if not recorded or not engine_path.is_file():
+        return "no engine yet"
+    checks = (("onnx_sha256", onnx_sha256), ("tensorrt_version", trt_version), ("device", device),
+              ("profile", json.loads(json.dumps(profile))))
+    for key, want in checks:
+        if recorded.get(key) != want:
+            return f"{key} changed"
+    if sha256_file(engine_path) != recorded.get("sha256"):
+        return "engine file changed on disk"
+    return None
+
+
+def check_runtime_compat(section: dict | None, trt_version: str, device: dict, folder: Path) -> None:
+    """The runtime refuses engines built by another TensorRT or for another GPU."""
+    fix = f"re-export with `foresight-export --backend tensorrt --out {folder} --overwrite` on this machine"
+    if not section:
+        raise BackendError(f"{folder} has no TensorRT engines: {fix}")
+    if section.get("tensorrt_version") != trt_version:
+        raise BackendError(f"engines in {folder} were built with TensorRT {section.get('tensorrt_version')}, "
+                           f"this is {trt_version}: {fix}")
+    if section.get("device", {}).get("compute_capability") != device["compute_capability"]:
+        raise BackendError(f"engines in {folder} were built for compute capability "
+                           f"{section.get('device', {}).get('compute_capability')}, this GPU is "
+                           f"{device['compute_capability']} ({device['name']}): {fix}")
+
+
+def _build_one(trt, logger, onnx_path: Path, shapes: dict, timing_cache, workspace: int | None):
+    builder = trt.Builder(logger)
+    flag = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flag)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
+        raise BackendError(f"TensorRT could not parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    if workspace:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    config.set_timing_cache(timing_cache, ignore_mismatch=False)
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in shapes.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise BackendError(f"TensorRT failed to build an engine for {onnx_path.name}; see the log above")
+    return plan, config.get_timing_cache()
+
+
+def build_engines(folder: Path, workspace: int | None = None, progress=True) -> dict:
+    """Build (or reuse) an engine per part of ``folder``; rewrites the manifest's ``tensorrt`` section."""
+    from tqdm.auto import tqdm
+
+    from runtime.manifest import load_manifest
+
+    trt = require_tensorrt()
+    manifest = load_manifest(folder)
+    logger = trt.Logger(trt.Logger.WARNING)
+    device = device_identity()
+    old = manifest.data.get("tensorrt") or {}
+    cache_path = folder / TIMING_CACHE
+    seed_builder = trt.Builder(logger)
+    seed_config = seed_builder.create_builder_config()
+    timing_cache = seed_config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    engines = {}
+    for part in tqdm(manifest.all_parts, desc="tensorrt", unit="engine", disable=not progress):
+        onnx_path = folder / part["file"]
+        engine_path = onnx_path.with_suffix(".plan")
+        shapes = profile_shapes(part, manifest.data["dims"])
+        profile = {k: [list(s) for s in v] for k, v in shapes.items()}
+        recorded = old.get("engines", {}).get(part["name"])
+        reason = needs_rebuild(recorded, part["sha256"], trt.__version__, device, profile, engine_path)
+        if reason is None:
+            engines[part["name"]] = recorded
+            continue
+        plan, timing_cache = _build_one(trt, logger, onnx_path, shapes, timing_cache, workspace)
+        engine_path.write_bytes(bytes(plan))
+        engines[part["name"]] = {"file": engine_path.name, "sha256": sha256_file(engine_path),
+                                 "onnx_sha256": part["sha256"], "tensorrt_version": trt.__version__,
+                                 "device": device, "profile": profile, "rebuilt_because": reason}
+    cache_path.write_bytes(bytes(timing_cache.serialize()))
+    section = {"tensorrt_version": trt.__version__, "device": device, "timing_cache": TIMING_CACHE,
+               "workspace": workspace, "engines": engines}
+    write_manifest_section(folder, "tensorrt", section)
+    return section
+
+
+def write_manifest_section(folder: Path, key: str, value: dict) -> None:
+    """Replace one top-level manifest entry atomically (temp file + rename)."""
+    path = folder / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    data[key] = value
+    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".json", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

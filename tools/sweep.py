@@ -1,0 +1,115 @@
+"""Pick a model's Foresight defaults from a small sweep, and picture its per-layer dynamics.
+
+    python tools/sweep.py --engines engines/latte-tiny --json sweep.json --mse-heatmap mse.png
+
+For every (warmup, recalculate, threshold) in the grid it generates the same held-out
+prompts with the same seeds as ``none`` and records the share of layer calls skipped, the
+PSNR of the frames vs ``none`` and the denoising speedup (summed seconds, the same process).
+The pick is the setting with the most layers skipped whose mean PSNR stays at or above
+``--min-psnr`` (ties: higher PSNR). Separately, a run that measures every layer at every step
+(Foresight with recalculate 1: full compute, mse of every probe each step) gives the
+per-layer mse heatmap and the spread of the calibrated thresholds across layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tools.metrics import psnr  # noqa: E402
+from tools.synthetic import held_out_prompts  # noqa: E402
+
+
+def layer_dynamics(rt, prompt: str, seed: int, steps, warmup: int) -> dict:
+    """Full compute with every probe measured every step; thresholds as calibrated at warmup-1."""
+    r = rt.generate(prompt, seed=seed, num_inference_steps=steps, policy="foresight", warmup=warmup,
+                    recalculate=1, threshold=1.0, decode=False)
+    trace = r.trace
+    calib = trace["steps"][warmup]["thresholds"]  # thresholds in force after calibration (threshold 1 = raw mse)
+    per_layer = [max(row) for row in calib]
+    return {"trace": trace, "calibrated_mse": calib, "threshold_spread": max(per_layer) / max(min(per_layer), 1e-30)}
+
+
+def sweep(rt, prompts, seed, steps, grid, log=print) -> list[dict]:
+    refs = [rt.generate(p, seed=seed + i, num_inference_steps=steps, policy="none") for i, p in enumerate(prompts)]
+    base_seconds = sum(r.stats["denoise_seconds"] for r in refs)
+    rows = []
+    for warmup, recalculate, threshold in grid:
+        results = [rt.generate(p, seed=seed + i, num_inference_steps=steps, policy="foresight", warmup=warmup,
+                               recalculate=recalculate, threshold=threshold) for i, p in enumerate(prompts)]
+        psnrs = [psnr(r.frames, ref.frames) for r, ref in zip(results, refs)]
+        finite = [v for v in psnrs if math.isfinite(v)]
+        row = {
+            "warmup": warmup, "recalculate": recalculate, "threshold": threshold,
+            "skipped_share": statistics.fmean(r.stats["skipped_share"] for r in results),
+            "mean_psnr": statistics.fmean(finite) if finite else math.inf,
+            "min_psnr": min(psnrs),
+            "speedup": base_seconds / sum(r.stats["denoise_seconds"] for r in results),
+        }
+        rows.append(row)
+        log(f"W={warmup} R={recalculate} T={threshold}: skipped {100 * row['skipped_share']:.1f}%, "
+            f"PSNR {row['mean_psnr']:.2f} dB (min {row['min_psnr']:.2f}), speedup {row['speedup']:.2f}x")
+    return rows
+
+
+def pick(rows: list[dict], min_psnr: float) -> dict | None:
+    ok = [r for r in rows if r["mean_psnr"] >= min_psnr]
+    return max(ok, key=lambda r: (r["skipped_share"], r["mean_psnr"])) if ok else None
+
+
+def main(argv=None) -> dict:
+    from runtime import Runtime
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--engines", type=Path, default=ROOT / "engines" / "latte-tiny")
+    ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--warmups", default="4,6,8")
+    ap.add_argument("--recalculates", default="2,3,4")
+    ap.add_argument("--thresholds", default="0.5,1,2,4")
+    ap.add_argument("--min-psnr", type=float, default=32.0, help="mean PSNR vs none the pick must keep")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--mse-heatmap", type=Path, default=None, help="PNG of per-layer mse at every step")
+    args = ap.parse_args(argv)
+
+    rt = Runtime.load(args.engines, backend=args.backend)
+    prompts = held_out_prompts(args.prompts, seed=args.seed)
+    grid = list(itertools.product(*[[int(v) for v in args.warmups.split(",")],
+                                    [int(v) for v in args.recalculates.split(",")],
+                                    [float(v) for v in args.thresholds.split(",")]]))
+    dyn = layer_dynamics(rt, prompts[0], args.seed, args.steps, warmup=min(int(v) for v in args.warmups.split(",")))
+    print(f"calibrated per-layer change spreads {dyn['threshold_spread']:.1f}x across layers", file=sys.stderr)
+    if args.mse_heatmap:
+        from runtime.heatmap import plot_reuse_heatmap
+
+        plot_reuse_heatmap(dyn["trace"], args.mse_heatmap, title="Per-layer mse vs previous step (full compute)")
+    rows = sweep(rt, prompts, args.seed, args.steps, grid, log=lambda m: print(m, file=sys.stderr))
+    best = pick(rows, args.min_psnr)
+    report = {"command": "python tools/sweep.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "prompts": prompts, "rows": rows, "pick": best, "min_psnr": args.min_psnr,
+              "threshold_spread": dyn["threshold_spread"], "calibrated_mse": dyn["calibrated_mse"]}
+    print("| warmup | recalculate | threshold | skipped | mean PSNR dB | min PSNR dB | speedup |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        mark = " **pick**" if r is best else ""
+        print(f"| {r['warmup']} | {r['recalculate']} | {r['threshold']} | {100 * r['skipped_share']:.1f}% | "
+              f"{r['mean_psnr']:.2f} | {r['min_psnr']:.2f} | {r['speedup']:.2f}x{mark} |")
+    print(f"pick: {json.dumps({k: best[k] for k in ('warmup', 'recalculate', 'threshold')}) if best else None}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=lambda v: str(v)) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,256 @@
+"""Train the small text-to-video models shipped with the package, on the synthetic domain.
+
+    python tools/train.py --out exporter/presets/latte-tiny            # ~20 min on 2 CPU cores
+
+Two stages, both deterministic for ``--seed``:
+1. A small ``AutoencoderKL`` (4x spatial compression) learns to reconstruct single frames of
+   the synthetic moving-shapes clips (``tools/synthetic.py``); its ``scaling_factor`` is set
+   to 1/std of the latents, as diffusers' VAEs are.
+2. The transformer (diffusers' ``LatteTransformer3DModel``, the architecture class the
+   exporter supports) and a small T5 text encoder (byte-level ByT5 tokenizer: no vocabulary
+   file) learn epsilon-prediction on those latents with the DDPM noise schedule the shipped
+   DDIM scheduler uses, with 10% of the prompts dropped to "" for classifier-free guidance.
+
+The result is saved in diffusers ``LattePipeline`` layout (what ``from_pretrained`` and
+``foresight-export --model-path`` load), plus ``training.json`` (arguments, loss curve,
+seconds) and ``foresight.json`` (the model's Foresight defaults, picked with
+``tools/sweep.py`` and passed here with ``--foresight``). Architecture choices are
+model-agnostic where cheap: the model family is picked by ``--model`` (only ``latte`` so far).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from tools import synthetic  # noqa: E402
+
+TEXT_DIM = 64
+TEXT_TOKENS = 64  # prompts are < 64 bytes
+
+
+def build_components(args):
+    from diffusers import AutoencoderKL, DDIMScheduler, LatteTransformer3DModel
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=4, norm_num_groups=16,
+        sample_size=args.size,
+    )
+    latent = args.size // 4
+    transformer = LatteTransformer3DModel(
+        num_attention_heads=args.hidden // 16, attention_head_dim=16, in_channels=4, out_channels=8,
+        num_layers=args.layers, cross_attention_dim=args.hidden, attention_bias=True, sample_size=latent,
+        patch_size=1, activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=TEXT_DIM, video_length=args.frames,
+    )
+    text_encoder = T5EncoderModel(T5Config(
+        vocab_size=384, d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+    ))
+    tokenizer = ByT5Tokenizer()
+    # Latte-1's scheduler settings (DDIM over the linear-beta DDPM schedule it was trained with).
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                              clip_sample=False, set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon",
+                              timestep_spacing="leading")
+    return vae, transformer, text_encoder, tokenizer, scheduler
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def to_unit(frames: np.ndarray) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]."""
+    x = torch.from_numpy(frames).float().div(127.5).sub(1.0)
+    return x.movedim(-1, -3)
+
+
+def train_vae(vae, clips: np.ndarray, args, log) -> float:
+    """Reconstruction + a small KL term on single frames; returns the latent scaling factor."""
+    frames = clips.reshape(-1, *clips.shape[2:])  # (N*F, H, W, 3)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(args.vae_steps), desc="vae", unit="step")
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.vae_steps, args.vae_lr)
+        idx = torch.randint(0, frames.shape[0], (args.vae_batch,), generator=gen)
+        x = to_unit(frames[idx.numpy()])
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        recon = F.mse_loss(rec, x)
+        kl = posterior.kl().mean() / z[0].numel()
+        loss = recon + args.kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        log.append({"stage": "vae", "step": step, "recon": round(recon.item(), 6), "kl": round(kl.item(), 4)})
+        if step % 25 == 0 or step == args.vae_steps - 1:
+            bar.set_postfix(recon=f"{recon.item():.5f}", kl=f"{kl.item():.3f}")
+    vae.eval()
+    with torch.no_grad():
+        sample = to_unit(frames[:: max(1, frames.shape[0] // 512)][:512])
+        std = vae.encode(sample).latent_dist.mode().std().item()
+    return 1.0 / std
+
+
+@torch.no_grad()
+def encode_clips(vae, clips: np.ndarray, scaling: float) -> torch.Tensor:
+    """(N, F, H, W, 3) uint8 -> scaled latents (N, C, F, h, w), the VAE posterior's mode."""
+    out = []
+    for i in range(0, clips.shape[0], 64):
+        chunk = clips[i:i + 64]
+        n, f = chunk.shape[:2]
+        z = vae.encode(to_unit(chunk.reshape(-1, *chunk.shape[2:]))).latent_dist.mode() * scaling
+        out.append(z.reshape(n, f, *z.shape[1:]).permute(0, 2, 1, 3, 4))  # (n, C, F, h, w)
+    return torch.cat(out)
+
+
+def train_transformer(transformer, text_encoder, tokenizer, latents, prompts, args, log):
+    from diffusers import DDPMScheduler
+    from tqdm.auto import tqdm
+
+    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    tok = tokenizer([p.lower().strip() for p in prompts] + [""], padding="max_length", max_length=TEXT_TOKENS,
+                    truncation=True, return_tensors="pt")
+    ids, mask = tok.input_ids, tok.attention_mask
+    empty = len(prompts)
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    transformer.train()
+    text_encoder.train()
+    bar = tqdm(range(args.steps), desc="transformer", unit="step")
+    running = None
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args.steps, args.lr)
+        idx = torch.randint(0, latents.shape[0], (args.batch,), generator=gen)
+        text_idx = torch.where(torch.rand(args.batch, generator=gen) < args.cond_dropout, empty, idx)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (args.batch,), generator=gen)
+        xt = noise_sched.add_noise(x0, noise, t)
+        # Inference truncates the embeddings to the prompt's tokens (LattePipeline's mask_feature);
+        # here a batch is truncated to its longest prompt.
+        keep = int(mask[text_idx].sum(1).max())
+        emb = text_encoder(ids[text_idx], attention_mask=mask[text_idx])[0][:, :keep]
+        pred = transformer(xt, t, emb).sample[:, : x0.shape[1]]  # epsilon half; the sigma half is unused
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        log.append({"stage": "transformer", "step": step, "loss": round(loss.item(), 6), "smoothed": round(running, 6)})
+        if step % 25 == 0 or step == args.steps - 1:
+            bar.set_postfix(loss=f"{running:.4f}")
+    transformer.eval()
+    text_encoder.eval()
+
+
+def save(out: Path, vae, transformer, text_encoder, tokenizer, scheduler, meta: dict) -> None:
+    from diffusers import LattePipeline
+
+    pipe = LattePipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                         scheduler=scheduler)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
+        if meta.get("foresight"):
+            (tmp / "foresight.json").write_text(json.dumps(meta["foresight"], indent=1) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="latte", choices=["latte"])
+    ap.add_argument("--out", type=Path, default=ROOT / "exporter" / "presets" / "latte-tiny")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clips", type=int, default=6000, help="synthetic clips rendered for training")
+    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--size", type=int, default=32, help="frame height and width in pixels")
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--vae-steps", type=int, default=800)
+    ap.add_argument("--vae-batch", type=int, default=32)
+    ap.add_argument("--vae-lr", type=float, default=2e-3)
+    ap.add_argument("--kl-weight", type=float, default=1e-4)
+    ap.add_argument("--steps", type=int, default=4000, help="transformer training steps")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--cond-dropout", type=float, default=0.1)
+    ap.add_argument("--foresight", type=json.loads, default=None,
+                    help='the model\'s Foresight defaults as JSON, e.g. \'{"warmup": 6, "recalculate": 3, "threshold": 1.0}\'')
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    t0 = time.perf_counter()
+    data = synthetic.dataset(args.clips, seed=args.seed, frames=args.frames, height=args.size, width=args.size)
+    clips = np.stack([c for _, c in data])
+    prompts = [s.prompt for s, _ in data]
+    print(f"rendered {len(prompts)} clips {clips.shape[1:]} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    vae, transformer, text_encoder, tokenizer, scheduler = build_components(args)
+    log: list[dict] = []
+    scaling = train_vae(vae, clips, args, log)
+    vae.register_to_config(scaling_factor=scaling)
+    latents = encode_clips(vae, clips, scaling)
+    print(f"vae done: scaling_factor {scaling:.4f}, latents {tuple(latents.shape)}", file=sys.stderr)
+    train_transformer(transformer, text_encoder, tokenizer, latents, prompts, args, log)
+    seconds = time.perf_counter() - t0
+    meta = {
+        "command": "python tools/train.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "seconds": round(seconds, 1),
+        "torch": torch.__version__,
+        "final_loss": next(e["smoothed"] for e in reversed(log) if e["stage"] == "transformer"),
+        "log": log,
+        "foresight": args.foresight,
+    }
+    save(args.out, vae, transformer, text_encoder, tokenizer, scheduler, meta)
+    print(f"saved {args.out} after {seconds / 60:.1f} min (final smoothed loss {meta['final_loss']:.4f})",
+          file=sys.stderr)
+    return meta
+
+
+if __name__ == "__main__":
+    main()
