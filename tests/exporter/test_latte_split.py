@@ -15,6 +15,11 @@ import torch
 
 from exporter.families import get_family
 
+from ..conftest import PRESET
+
+_CFG = json.loads((PRESET / "transformer" / "config.json").read_text())
+VL, S, P = _CFG["video_length"], _CFG["sample_size"], _CFG["patch_size"]
+
 # Exact in practice (the split runs the same ops in the same order); the bound only
 # leaves room for a future reordering of a reshape-equivalent op.
 SPLIT_ATOL = 1e-6
@@ -69,11 +74,11 @@ def run_reference(model, latents, timestep, text):
 
 
 # (B, F, latent H, latent W, text tokens). diffusers' Latte only runs F == video_length
-# (16) when F > 1: it adds the whole temp_pos_embed table without slicing it.
-SHAPES = [(2, 16, 16, 16, 7), (1, 16, 12, 20, 7)]
+# when F > 1: it adds the whole temp_pos_embed table without slicing it.
+SHAPES = [(2, VL, S, S, 7), (1, VL, S - 2 * P, S + 2 * P, 7)]
 
 
-@pytest.mark.parametrize("B,F,H,W,T", SHAPES, ids=["B2-16x16", "B1-12x20"])
+@pytest.mark.parametrize("B,F,H,W,T", SHAPES, ids=["B2-square", "B1-non-square"])
 def test_split_reproduces_diffusers_forward(model, parts, B, F, H, W, T):
     latents, timestep, text = random_inputs(model, B, F, H, W, T, seed=11)
     with torch.no_grad():
@@ -98,14 +103,14 @@ def test_split_reproduces_diffusers_forward(model, parts, B, F, H, W, T):
 
 
 def test_split_runs_fewer_frames_than_video_length(preset_dir, parts):
-    """F=8 < video_length: diffusers would fail to broadcast temp_pos_embed; the split slices it.
+    """F < video_length: diffusers would fail to broadcast temp_pos_embed; the split slices it.
 
-    The split must equal diffusers' forward on a model whose table is cut to its first 8
-    rows, i.e. the frames keep the positions they would have in a 16-frame clip.
+    The split must equal diffusers' forward on a model whose table is cut to its first F
+    rows, i.e. the frames keep the positions they would have in a full-length clip.
     """
     from diffusers import LatteTransformer3DModel
 
-    B, F, H, W, T = 1, 8, 12, 20, 5
+    B, F, H, W, T = 1, VL // 2, S - 2 * P, S + 2 * P, 5
     truncated = LatteTransformer3DModel.from_pretrained(preset_dir, subfolder="transformer").float().eval()
     assert F < truncated.config.video_length
     truncated.temp_pos_embed = truncated.temp_pos_embed[:, :F].clone()
@@ -126,7 +131,7 @@ def test_single_frame_is_outside_the_exported_range_unless_exact(model, parts, p
     differs from diffusers at F == 1; the exported frame range must then start at 2."""
     vae = json.loads((preset_dir / "vae" / "config.json").read_text())
     dims = get_family("latte").dims(model, 2 ** (len(vae["block_out_channels"]) - 1))
-    latents, timestep, text = random_inputs(model, 1, 1, 16, 16, 5, seed=13)
+    latents, timestep, text = random_inputs(model, 1, 1, S, S, 5, seed=13)
     with torch.no_grad():
         got, _ = run_split(parts, latents, timestep, text)
         ref = model(latents, timestep, text, return_dict=False)[0]
@@ -140,8 +145,8 @@ def test_single_frame_is_outside_the_exported_range_unless_exact(model, parts, p
 # Base dims for the ONNX check: different from the exporter's own validation shapes
 # (opt, and opt-1 / w+1), one non-square and one at the top of every range.
 ONNX_DIMS = [
-    {"B": 1, "F": 5, "h": 3, "w": 11, "T": 40},
-    {"B": 2, "F": 16, "h": 16, "w": 16, "T": 120},
+    {"B": 1, "F": max(2, VL // 2 + 1), "h": 3, "w": 11, "T": 40},
+    {"B": 2, "F": VL, "h": 2 * S // P, "w": 2 * S // P, "T": 120},
 ]
 
 

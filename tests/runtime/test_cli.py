@@ -13,7 +13,7 @@ import pytest
 
 from runtime.cli import main
 
-PROMPT = "a red ball bouncing"
+PROMPT = "a red square moving left on a black background"
 
 
 def run_cli(capsys, *argv):
@@ -22,18 +22,24 @@ def run_cli(capsys, *argv):
     return code, captured.err
 
 
-def test_end_to_end_writes_video_heatmap_stats_frames(engines_dir, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def shapes(engines_dir):
+    return json.loads((engines_dir / "manifest.json").read_text())["shapes"]
+
+
+def test_end_to_end_writes_video_heatmap_stats_frames(engines_dir, shapes, tmp_path, capsys):
     out, heat, stats, npy = (tmp_path / n for n in ("out.mp4", "reuse.png", "stats.json", "frames.npy"))
     code, err = run_cli(capsys, "--engines", engines_dir, "--prompt", PROMPT, "--out", out, "--steps", 12,
                         "--policy", "foresight", "--warmup", 4, "--threshold", 20,
                         "--heatmap", heat, "--stats", stats, "--save-frames", npy)
     assert code == 0, err
     frames = np.load(npy)
-    assert frames.shape == (16, 64, 64, 3) and frames.dtype == np.uint8
+    F, H, W = shapes["frames"]["default"], shapes["height"]["default"], shapes["width"]["default"]
+    assert frames.shape == (F, H, W, 3) and frames.dtype == np.uint8
     video = iio.imread(out)
-    assert video.shape[0] == 16 and video.shape[1:3] == (64, 64)
-    # H.264 with 4:2:0 chroma is lossy on the random model's noisy frames: the video must still be
-    # far closer to its own frames than to the same frames one step out of order.
+    assert video.shape[0] == F and video.shape[1:3] == (H, W)
+    # H.264 with 4:2:0 chroma is lossy on tiny frames: the video must still be far closer
+    # to its own frames than to the same frames one step out of order.
     same = np.abs(video.astype(int) - frames.astype(int)).mean()
     shifted = np.abs(video.astype(int) - np.roll(frames, 1, axis=0).astype(int)).mean()
     assert same < 0.6 * shifted
@@ -42,19 +48,22 @@ def test_end_to_end_writes_video_heatmap_stats_frames(engines_dir, tmp_path, cap
     for key in ("policy", "backend", "steps", "num_layers", "layer_calls", "layer_calls_skipped",
                 "denoise_seconds", "total_seconds", "trace"):
         assert key in data
-    assert data["policy"] == "foresight" and data["steps"] == 12 and data["num_layers"] == 4
-    assert data["layer_calls"] + data["layer_calls_skipped"] == 48
+    L = len(json.loads((engines_dir / "manifest.json").read_text())["parts"]["layers"])
+    assert data["policy"] == "foresight" and data["steps"] == 12 and data["num_layers"] == L
+    assert data["layer_calls"] + data["layer_calls_skipped"] == 12 * L
     assert len(data["trace"]["steps"]) == 12
     assert "skipped" in err and "denoise" in err and "decode" in err
 
 
-def test_gif_output_and_torch_backend(engines_dir, tmp_path, capsys):
+def test_gif_output_and_torch_backend(engines_dir, shapes, tmp_path, capsys):
     out = tmp_path / "out.gif"
+    m = shapes["height"]["multiple_of"]
+    h, w = shapes["height"]["default"] - 2 * m, shapes["width"]["default"] + 2 * m
     code, err = run_cli(capsys, "--engines", engines_dir, "--prompt", PROMPT, "--out", out, "--steps", 3,
-                        "--backend", "torch", "--policy", "none", "--frames", 8, "--height", 32, "--width", 48,
-                        "--quiet")
+                        "--backend", "torch", "--policy", "none", "--frames", shapes["frames"]["max"] // 2,
+                        "--height", h, "--width", w, "--quiet")
     assert code == 0, err
-    assert iio.imread(out).shape[1:3] == (32, 48)
+    assert iio.imread(out).shape[1:3] == (h, w)
 
 
 def corrupt(folder: Path, how: str) -> None:
@@ -98,18 +107,28 @@ def test_missing_engines_folder(tmp_path, capsys):
     assert code == 2 and "does not exist: build it with `foresight-export" in err
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--frames", 40), r"frames=40 is outside the exported range \[2, 16\]"),
-    (("--height", 66), r"height=66 is not divisible by 8 .*pass --height 64 or 72"),
-    (("--width", 512), r"width=512 is outside"),
-    (("--warmup", 1), r"warmup must be >= 2"),
-    (("--threshold", -1), r"threshold"),
-    (("--recalculate", 0), r"recalculate"),
-    (("--policy", "none", "--threshold", 0.5), r"--threshold do\(es\) not apply to --policy none"),
-    (("--policy", "static", "--reuse", 2, "--period", 2), r"reuse"),
-    (("--steps", 0), r"--steps must be >= 1"),
-])
-def test_bad_generation_arguments(engines_dir, tmp_path, capsys, args, message):
+BAD_ARGS = {
+    "frames": lambda sh: (("--frames", sh["frames"]["max"] + 24),
+                          rf"frames={sh['frames']['max'] + 24} is outside the exported range "
+                          rf"\[{sh['frames']['min']}, {sh['frames']['max']}\]"),
+    "height": lambda sh: (("--height", sh["height"]["default"] + 2),
+                          rf"height={sh['height']['default'] + 2} is not divisible by {sh['height']['multiple_of']} "
+                          rf".*pass --height {sh['height']['default']} or "
+                          rf"{sh['height']['default'] + sh['height']['multiple_of']}"),
+    "width": lambda sh: (("--width", sh["width"]["max"] * 2), rf"width={sh['width']['max'] * 2} is outside"),
+    "warmup": lambda sh: (("--warmup", 1), r"warmup must be >= 2"),
+    "threshold": lambda sh: (("--threshold", -1), r"threshold"),
+    "recalculate": lambda sh: (("--recalculate", 0), r"recalculate"),
+    "policy-option": lambda sh: (("--policy", "none", "--threshold", 0.5),
+                                 r"--threshold do\(es\) not apply to --policy none"),
+    "static": lambda sh: (("--policy", "static", "--reuse", 2, "--period", 2), r"reuse"),
+    "steps": lambda sh: (("--steps", 0), r"--steps must be >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGS))
+def test_bad_generation_arguments(engines_dir, shapes, tmp_path, capsys, case):
+    args, message = BAD_ARGS[case](shapes)
     out = tmp_path / "out.mp4"
     code, err = run_cli(capsys, "--engines", engines_dir, "--prompt", PROMPT, "--out", out, "--steps", 2, *args)
     assert code == 2, err

@@ -9,7 +9,7 @@ import runtime.engine as engine_mod
 from foresight import Controller, ForesightConfig
 from runtime.errors import NumericsError, ShapeError
 
-PROMPT = "a red ball bouncing"
+PROMPT = "a red square moving left on a black background"
 
 
 class Spy:
@@ -170,18 +170,29 @@ def test_nan_in_a_layer_names_layer_and_step(monkeypatch, runtime_ort):
         runtime_ort.generate(PROMPT, num_inference_steps=6, seed=0, policy="none", decode=False)
 
 
-@pytest.mark.parametrize("kw, match", [
-    (dict(num_frames=17), r"frames=17 is outside .*\[2, 16\]"),
-    (dict(num_frames=1), r"frames=1 is outside"),
-    (dict(height=60), r"height=60 is not divisible by 8"),
-    (dict(width=4), r"width=4 is outside"),
-    (dict(height=1024), r"height=1024 is outside"),
-])
-def test_shapes_outside_the_built_profile(runtime_ort, kw, match):
+@pytest.fixture(scope="module")
+def shapes(runtime_ort):
+    return runtime_ort.manifest.data["shapes"]
+
+
+@pytest.mark.parametrize("case", ["frames-above", "frames-one", "height-indivisible", "width-below", "height-above"])
+def test_shapes_outside_the_built_profile(runtime_ort, shapes, case):
+    fr, hs, ws = shapes["frames"], shapes["height"], shapes["width"]
+    kw, match = {
+        "frames-above": (dict(num_frames=fr["max"] + 1), rf"frames={fr['max'] + 1} is outside .*\[{fr['min']}, {fr['max']}\]"),
+        "frames-one": (dict(num_frames=1), r"frames=1 is outside"),
+        "height-indivisible": (dict(height=hs["default"] + 2),
+                               rf"height={hs['default'] + 2} is not divisible by {hs['multiple_of']}"),
+        "width-below": (dict(width=ws["min"] - ws["multiple_of"]), r"is outside"),
+        "height-above": (dict(height=hs["max"] + hs["multiple_of"]), r"is outside"),
+    }[case]
     with pytest.raises(ShapeError, match=match):
         runtime_ort.generate(PROMPT, num_inference_steps=2, **kw)
 
 
-def test_non_default_shape_runs(runtime_ort):
-    r = runtime_ort.generate(PROMPT, num_inference_steps=2, num_frames=8, height=48, width=80, seed=0)
-    assert r.frames.shape == (8, 48, 80, 3)
+def test_non_default_shape_runs(runtime_ort, shapes):
+    m = shapes["height"]["multiple_of"]
+    frames, height, width = shapes["frames"]["max"] // 2, shapes["height"]["default"] - 2 * m, \
+        shapes["width"]["default"] + 2 * m
+    r = runtime_ort.generate(PROMPT, num_inference_steps=2, num_frames=frames, height=height, width=width, seed=0)
+    assert r.frames.shape == (frames, height, width, 3)

@@ -12,18 +12,22 @@ import numpy as np
 import pytest
 import torch
 
-PROMPT = "a red ball bouncing"
+PROMPT = "a red square moving left on a black background"
 STEPS = 20
 
 
 @pytest.fixture(scope="module")
-def diffusers_output(preset_dir):
+def diffusers_output(preset_dir, engines_dir):
     from diffusers import LattePipeline
 
+    from runtime.manifest import load_manifest
+
+    shapes = load_manifest(engines_dir).data["shapes"]  # the runtime's defaults
     pipe = LattePipeline.from_pretrained(preset_dir)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(num_inference_steps=STEPS, height=64, width=64, video_length=16, guidance_scale=7.5,
-                  negative_prompt="", clean_caption=False)
+    kwargs = dict(num_inference_steps=STEPS, height=shapes["height"]["default"], width=shapes["width"]["default"],
+                  video_length=shapes["frames"]["default"], guidance_scale=7.5, negative_prompt="",
+                  clean_caption=False)
     latents = pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(0), output_type="latent", **kwargs).frames
     frames = pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(0), output_type="np", **kwargs).frames[0]
     return latents, (frames * 255).round().astype(np.uint8)
