@@ -29,6 +29,8 @@ class Backend:
         self.device = torch.device(device)
         self.calls: Counter[str] = Counter()  # part name -> engine calls (test oracle)
         self.loaded = 0  # engines / sessions loaded
+        # Dtype of the I/O buffers: compiled engines take what their files were exported in.
+        self.io_dtype = getattr(torch, manifest.data.get("dtype", "float32"))
 
     def run(self, part: str, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         self.calls[part] += 1
@@ -126,8 +128,10 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, manifest: Manifest, device: torch.device, checkpoint: str | None = None):
+    def __init__(self, manifest: Manifest, device: torch.device, checkpoint: str | None = None,
+                 dtype: torch.dtype | str = torch.float32):
         super().__init__(manifest, device)
+        self.io_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         import diffusers
 
         from exporter.families import get_family
@@ -135,7 +139,7 @@ class TorchBackend(Backend):
         source = checkpoint or manifest.data["model"]["source"]["checkpoint"]
         cls = getattr(diffusers, manifest.data["model"]["transformer_class"])
         try:
-            model = cls.from_pretrained(source, subfolder="transformer").eval().to(self.device)
+            model = cls.from_pretrained(source, subfolder="transformer").eval().to(self.device, self.io_dtype)
         except Exception as exc:  # noqa: BLE001
             raise BackendError(
                 f"the torch backend needs the source checkpoint {source!r} recorded in the manifest, "

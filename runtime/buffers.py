@@ -21,7 +21,9 @@ class BufferPool:
         self.device = torch.device(device)
 
         def alloc(specs):
-            return {io["name"]: torch.empty(Manifest.shape_of(io, dims), device=self.device, dtype=dtype)
+            # The compute dtype applies to every tensor but those the manifest pins (timesteps).
+            return {io["name"]: torch.empty(Manifest.shape_of(io, dims), device=self.device,
+                                            dtype=getattr(torch, io["dtype"]) if io.get("fixed_dtype") else dtype)
                     for io in specs}
 
         self.stem_in = alloc(manifest.stem["inputs"])

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tensorrt needs engines built with foresight-export --backend tensorrt and a GPU")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--checkpoint", default=None, help="torch backend: the source checkpoint if it moved")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                    help="torch backend compute dtype (engines keep the precision they were exported in)")
     ap.add_argument("--stats", type=Path, default=None, help="write stats and the decision trace as JSON")
     ap.add_argument("--heatmap", type=Path, default=None, help="write a PNG of computed vs reused layers per step")
     ap.add_argument("--save-frames", type=Path, default=None, help="also save the uint8 frames as .npy")
@@ -75,7 +77,10 @@ def run(args) -> dict:
 
     from .engine import Runtime
 
-    kwargs = {"checkpoint": args.checkpoint} if args.backend == "torch" and args.checkpoint else {}
+    if args.backend != "torch" and (args.checkpoint or args.dtype):
+        raise ConfigError("--checkpoint and --dtype apply to --backend torch only; engines keep the precision "
+                          "they were exported in")
+    kwargs = {k: v for k, v in (("checkpoint", args.checkpoint), ("dtype", args.dtype)) if v}
     runtime = Runtime.load(args.engines, backend=args.backend, device=args.device, **kwargs)
     result = runtime.generate(
         args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height,

@@ -76,7 +76,7 @@ class Runtime:
     def pool(self, dims: dict[str, int]) -> BufferPool:
         key = tuple(sorted(dims.items()))
         if key not in self._pools:
-            self._pools[key] = BufferPool(self.manifest, dims, self.device)
+            self._pools[key] = BufferPool(self.manifest, dims, self.device, dtype=self.backend.io_dtype)
         return self._pools[key]
 
     # ---------------------------------------------------------------- policy
@@ -181,7 +181,7 @@ class Runtime:
             pool.stem_in["latents"].copy_(model_input)
             pool.stem_in["timestep"].fill_(float(t))
             plan = controller.plan(i)
-            noise_pred = self._run_step(plan, pool, controller, i)
+            noise_pred = self._run_step(plan, pool, controller, i).float()  # guidance and scheduler in fp32
             if cfg:
                 uncond, text = noise_pred.chunk(2)
                 noise_pred = uncond + guidance_scale * (text - uncond)
@@ -233,7 +233,8 @@ class Runtime:
             if plan.measure:
                 old = pool.cached(layer)
                 for k, probe in enumerate(self.probes):
-                    stats[layer * num_probes + k] = torch.mean(torch.square(out[probe] - old[probe]))
+                    stats[layer * num_probes + k] = torch.mean(torch.square(out[probe] - old[probe]),
+                                                               dtype=torch.float32)
             pool.commit(layer)
             state = {s: out[o] for s, o in flow["layer_state_out"].items()}
         head_inputs = {io["name"]: self._resolve(flow["head_inputs"][io["name"]], pool, state)

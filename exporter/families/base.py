@@ -19,9 +19,15 @@ class IOSpec:
     dtype: str = "float32"
     low: float | None = None  # sample range for validation inputs; None -> standard normal
     high: float | None = None
+    # Stays in ``dtype`` when the model runs in fp16/bf16 (e.g. diffusion timesteps, whose
+    # sinusoidal embedding is computed in fp32: 999 is not representable in bf16).
+    fixed_dtype: bool = False
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        d = {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+        if self.fixed_dtype:
+            d["fixed_dtype"] = True
+        return d
 
 
 @dataclass

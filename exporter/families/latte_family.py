@@ -33,7 +33,8 @@ class LatteFamily:
         stem = PartSpec(
             "stem", LatteStem(model),
             inputs=[IOSpec("latents", ["B", c_in, "F", "H", "W"]),
-                    IOSpec("timestep", ["B"], low=0.0, high=float(cfg.num_embeds_ada_norm or 1000)),
+                    IOSpec("timestep", ["B"], low=0.0, high=float(cfg.num_embeds_ada_norm or 1000),
+                           fixed_dtype=True),
                     IOSpec("encoder_hidden_states", ["B", "T", c_text])],
             outputs=[IOSpec("hidden", hidden), IOSpec("temb", ["B", 6 * d]),
                      IOSpec("embedded_timestep", ["B", d]), IOSpec("text", ["B", "T", d])],

@@ -196,3 +196,20 @@ def test_non_default_shape_runs(runtime_ort, shapes):
         shapes["width"]["default"] + 2 * m
     r = runtime_ort.generate(PROMPT, num_inference_steps=2, num_frames=frames, height=height, width=width, seed=0)
     assert r.frames.shape == (frames, height, width, 3)
+
+
+def test_torch_backend_in_bfloat16(engines_dir, runtime_torch):
+    """Reduced precision on the reference backend: buffers in bf16 except the timestep, which
+    the manifest pins to fp32; the result stays close to fp32."""
+    from runtime import Runtime
+
+    rt = Runtime.load(engines_dir, backend="torch", device="cpu", dtype="bfloat16")
+    kw = dict(num_inference_steps=4, seed=0, policy="none", decode=False)
+    low = rt.generate(PROMPT, **kw)
+    pool = next(iter(rt._pools.values()))
+    assert pool.stem_in["latents"].dtype == torch.bfloat16
+    assert pool.stem_in["timestep"].dtype == torch.float32
+    assert pool.layer_sets[0][0]["hidden_out"].dtype == torch.bfloat16
+    ref = runtime_torch.generate(PROMPT, **kw)
+    rel = float((low.latents - ref.latents).abs().max() / ref.latents.abs().max())
+    assert 0 < rel < 0.1
