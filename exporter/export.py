@@ -204,12 +204,53 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def describe(family, model, vae_config: dict, dims_spec: dict, entries: list[dict], name: str, source: str,
+             preset: str | None = None) -> dict:
+    """The manifest for a split model: everything but the files' own entries is derived here,
+    so an in-memory engines description (``tools/gpu_check.py``) matches an exported one."""
+    import torch
+
+    from runtime import __version__
+
+    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    pipeline = family.pipeline(model, vae_config)
+    pipeline.update({c: c for c in COMPONENTS})
+    px = vae_factor * model.config.patch_size
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "format": "foresight-engines",
+        "name": name,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "tool": {"foresight-dit": __version__, "torch": torch.__version__, "opset": OPSET},
+        "model": {
+            "family": family.name,
+            "transformer_class": family.transformer_class,
+            "config": json.loads(json.dumps(dict(model.config), default=str)),
+            "source": {"checkpoint": source, "preset": preset},
+        },
+        "artifact": "onnx",
+        "dtype": "float32",
+        "dims": dims_spec,
+        "shapes": {
+            "frames": {"min": dims_spec["F"]["min"], "max": dims_spec["F"]["max"], "default": dims_spec["F"]["opt"]},
+            "height": {"min": dims_spec["h"]["min"] * px, "max": dims_spec["h"]["max"] * px,
+                       "multiple_of": px, "default": dims_spec["h"]["opt"] * px},
+            "width": {"min": dims_spec["w"]["min"] * px, "max": dims_spec["w"]["max"] * px,
+                      "multiple_of": px, "default": dims_spec["w"]["opt"] * px},
+            "batch": {"min": dims_spec["B"]["min"], "max": dims_spec["B"]["max"]},
+            "text_tokens": {"max": dims_spec["T"]["max"]},
+        },
+        "parts": {"stem": entries[0], "layers": entries[1:-1], "head": entries[-1]},
+        "flow": family.flow(),
+        "pipeline": pipeline,
+        "foresight_defaults": foresight_defaults(family, source),
+    }
+
+
 def export(opts: ExportOptions, progress=True) -> Path:
     """Export ``opts.model`` to ``opts.out``; returns the folder. Prints progress per part."""
     import torch
     from tqdm.auto import tqdm
-
-    from runtime import __version__
 
     family = get_family(opts.model)
     model_path = resolve_model_path(family, opts.model_path, opts.preset)
@@ -249,42 +290,11 @@ def export(opts: ExportOptions, progress=True) -> Path:
                 )
             entries.append(part_entry(part, file, validation))
         save_components(loaded.components, tmp)
-        vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-        pipeline = family.pipeline(model, vae_config)
-        pipeline.update({c: c for c in COMPONENTS})
-        p = model.config.patch_size
-        px = vae_factor * p
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "format": "foresight-engines",
-            "name": out.name,
-            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "tool": {"foresight-dit": __version__, "torch": torch.__version__, "opset": OPSET},
-            "model": {
-                "family": family.name,
-                "transformer_class": family.transformer_class,
-                "config": json.loads(json.dumps(dict(model.config), default=str)),
-                "source": {"checkpoint": loaded.source, "preset": opts.preset},
-            },
-            "artifact": "onnx",
-            "dtype": "float32",
-            "dims": dims_spec,
-            "shapes": {
-                "frames": {"min": dims_spec["F"]["min"], "max": dims_spec["F"]["max"], "default": dims_spec["F"]["opt"]},
-                "height": {"min": dims_spec["h"]["min"] * px, "max": dims_spec["h"]["max"] * px,
-                           "multiple_of": px, "default": dims_spec["h"]["opt"] * px},
-                "width": {"min": dims_spec["w"]["min"] * px, "max": dims_spec["w"]["max"] * px,
-                          "multiple_of": px, "default": dims_spec["w"]["opt"] * px},
-                "batch": {"min": dims_spec["B"]["min"], "max": dims_spec["B"]["max"]},
-                "text_tokens": {"max": dims_spec["T"]["max"]},
-            },
-            "parts": {"stem": entries[0], "layers": entries[1:-1], "head": entries[-1]},
-            "flow": family.flow(),
-            "pipeline": pipeline,
-            "foresight_defaults": foresight_defaults(family, loaded.source),
-            "validation": {"tolerance": opts.tolerance, "reference": "torch eager fp32", "runner": "onnxruntime CPU"},
-            "export_seconds": round(time.perf_counter() - t0, 2),
-        }
+        manifest = describe(family, model, vae_config, dims_spec, entries, name=out.name,
+                            source=loaded.source, preset=opts.preset)
+        manifest["validation"] = {"tolerance": opts.tolerance, "reference": "torch eager fp32",
+                                  "runner": "onnxruntime CPU"}
+        manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         umask = os.umask(0)
         os.umask(umask)

@@ -129,22 +129,32 @@ class TorchBackend(Backend):
     name = "torch"
 
     def __init__(self, manifest: Manifest, device: torch.device, checkpoint: str | None = None,
-                 dtype: torch.dtype | str = torch.float32):
+                 dtype: torch.dtype | str = torch.float32, model=None, cuda_graphs: bool = False):
+        """``model``: an already-built transformer (in-memory runtime); else loaded from the
+        manifest's source checkpoint or ``checkpoint``. ``cuda_graphs``: capture each part
+        once per set of bound buffers and replay it (CUDA only)."""
         super().__init__(manifest, device)
+        if cuda_graphs and self.device.type != "cuda":
+            raise BackendError("CUDA graphs need --device cuda")
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[tuple, object] = {}
+        self._graph_pool = None
         self.io_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         import diffusers
 
         from exporter.families import get_family
 
         source = checkpoint or manifest.data["model"]["source"]["checkpoint"]
-        cls = getattr(diffusers, manifest.data["model"]["transformer_class"])
-        try:
-            model = cls.from_pretrained(source, subfolder="transformer").eval().to(self.device, self.io_dtype)
-        except Exception as exc:  # noqa: BLE001
-            raise BackendError(
-                f"the torch backend needs the source checkpoint {source!r} recorded in the manifest, "
-                f"which could not be loaded ({exc}); pass the checkpoint folder with --checkpoint"
-            ) from exc
+        if model is None:
+            cls = getattr(diffusers, manifest.data["model"]["transformer_class"])
+            try:
+                model = cls.from_pretrained(source, subfolder="transformer")
+            except Exception as exc:  # noqa: BLE001
+                raise BackendError(
+                    f"the torch backend needs the source checkpoint {source!r} recorded in the manifest, "
+                    f"which could not be loaded ({exc}); pass the checkpoint folder with --checkpoint"
+                ) from exc
+        model = model.eval().to(self.device, self.io_dtype)
         parts = get_family(manifest.data["model"]["family"]).parts(model)
         self.modules = {p.name: p.module for p in parts}
         self.output_names = {p.name: [o.name for o in p.outputs] for p in parts}
@@ -153,8 +163,29 @@ class TorchBackend(Backend):
             raise BackendError(f"checkpoint {source} has no part(s) {sorted(missing)} listed in the manifest; re-export")
         self.loaded = len(self.modules)
 
-    @torch.no_grad()
     def _run(self, part, inputs, outputs):
+        if not self.cuda_graphs:
+            return self._eager(part, inputs, outputs)
+        # Buffers are preallocated and ping-pong between two sets, so each part sees only a few
+        # distinct address combinations: one graph per combination, all sharing one memory pool
+        # (parts run one after another on one stream, never concurrently).
+        key = (part, *((t.data_ptr(), tuple(t.shape)) for t in (*inputs.values(), *outputs.values())))
+        graph = self._graphs.get(key)
+        if graph is None:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up outside capture (cuBLAS handles, allocations)
+                self._eager(part, inputs, outputs)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                self._eager(part, inputs, outputs)
+            self._graph_pool = graph.pool()
+            self._graphs[key] = graph
+        graph.replay()
+
+    @torch.no_grad()
+    def _eager(self, part, inputs, outputs):
         result = self.modules[part](*inputs.values())
         result = result if isinstance(result, tuple) else (result,)
         for name, value in zip(self.output_names[part], result):

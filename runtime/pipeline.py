@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 class PipelineParts:
     """Text encoder, tokenizer, VAE and scheduler loaded from the engines folder."""
 
-    def __init__(self, manifest: Manifest, device: torch.device):
-        import diffusers
+    def __init__(self, manifest: Manifest, device: torch.device, components: dict | None = None):
+        """Loads the components from the engines folder, or takes already-built ones
+        (``components``: tokenizer, text_encoder, vae, scheduler) for an in-memory runtime."""
         import transformers
 
         transformers.utils.logging.disable_progress_bar()  # one line per weight file is noise in a CLI
@@ -33,7 +34,22 @@ class PipelineParts:
             raise ManifestError(f"pipeline type {p.get('type')!r} is not supported by this runtime version; upgrade foresight-dit")
         self.config = p
         self.device = device
-        root = manifest.root
+        if components is not None:
+            self.tokenizer = components["tokenizer"]
+            self.text_encoder = components["text_encoder"].eval().to(device)
+            self.vae = components["vae"].eval().to(device)
+            self.scheduler_cls = type(components["scheduler"])
+            self.scheduler_config = components["scheduler"].config
+        else:
+            self._load(manifest.root, p, device)
+        from diffusers.video_processor import VideoProcessor
+
+        self.video_processor = VideoProcessor(vae_scale_factor=p["vae_scale_factor"])
+
+    def _load(self, root, p, device):
+        import diffusers
+        import transformers
+
         try:
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(root / p["tokenizer"])
             self.text_encoder = transformers.T5EncoderModel.from_pretrained(root / p["text_encoder"]).eval().to(device)
@@ -43,9 +59,6 @@ class PipelineParts:
             self.scheduler_config = self.scheduler_cls.from_pretrained(root / p["scheduler"]).config
         except (OSError, ValueError, KeyError, AttributeError) as exc:
             raise ManifestError(f"could not load the pipeline components in {root}: {exc}; re-export the engines folder") from exc
-        from diffusers.video_processor import VideoProcessor
-
-        self.video_processor = VideoProcessor(vae_scale_factor=p["vae_scale_factor"])
 
     def new_scheduler(self):
         """A fresh scheduler per generation: schedulers carry per-run state."""

@@ -8,8 +8,9 @@ Two stages, both deterministic for ``--seed``:
    to 1/std of the latents, as diffusers' VAEs are.
 2. The transformer (diffusers' ``LatteTransformer3DModel``, the architecture class the
    exporter supports) and a small T5 text encoder (byte-level ByT5 tokenizer: no vocabulary
-   file) learn epsilon-prediction on those latents with the DDPM noise schedule the shipped
-   DDIM scheduler uses, with 10% of the prompts dropped to "" for classifier-free guidance.
+   file) learn to denoise those latents with the DDPM noise schedule the shipped
+   DDIM scheduler uses (v-prediction by default), with 10% of the prompts dropped to "" for
+   classifier-free guidance.
 
 The result is saved in diffusers ``LattePipeline`` layout (what ``from_pretrained`` and
 ``foresight-export --model-path`` load), plus ``training.json`` (arguments, loss curve,
@@ -69,7 +70,7 @@ def build_components(args):
     tokenizer = ByT5Tokenizer()
     # Latte-1's scheduler settings (DDIM over the linear-beta DDPM schedule it was trained with).
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                              clip_sample=False, set_alpha_to_one=True, steps_offset=0, prediction_type="epsilon",
+                              clip_sample=False, set_alpha_to_one=True, steps_offset=0, prediction_type=args.prediction,
                               timestep_spacing="leading")
     return vae, transformer, text_encoder, tokenizer, scheduler
 
@@ -135,7 +136,8 @@ def train_transformer(transformer, text_encoder, tokenizer, latents, prompts, ar
     from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
 
-    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    noise_sched = DDPMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                                prediction_type=args.prediction)
     tok = tokenizer([p.lower().strip() for p in prompts] + [""], padding="max_length", max_length=TEXT_TOKENS,
                     truncation=True, return_tensors="pt")
     ids, mask = tok.input_ids, tok.attention_mask
@@ -160,8 +162,9 @@ def train_transformer(transformer, text_encoder, tokenizer, latents, prompts, ar
         # here a batch is truncated to its longest prompt.
         keep = int(mask[text_idx].sum(1).max())
         emb = text_encoder(ids[text_idx], attention_mask=mask[text_idx])[0][:, :keep]
-        pred = transformer(xt, t, emb).sample[:, : x0.shape[1]]  # epsilon half; the sigma half is unused
-        loss = F.mse_loss(pred, noise)
+        pred = transformer(xt, t, emb).sample[:, : x0.shape[1]]  # the sigma half is unused
+        target = noise if args.prediction == "epsilon" else noise_sched.get_velocity(x0, noise, t)
+        loss = F.mse_loss(pred, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -212,6 +215,10 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--cond-dropout", type=float, default=0.1)
+    ap.add_argument("--prediction", choices=["epsilon", "v_prediction"], default="v_prediction",
+                    help="what the transformer predicts; v gives the high-noise steps, where the prompt decides "
+                         "colour and motion, a useful gradient (epsilon learned the prompt barely: loss with the "
+                         "right vs a shuffled prompt differed by 4%%)")
     ap.add_argument("--foresight", type=json.loads, default=None,
                     help='the model\'s Foresight defaults as JSON, e.g. \'{"warmup": 6, "recalculate": 3, "threshold": 1.0}\'')
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

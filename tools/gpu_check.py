@@ -1,0 +1,260 @@
+"""GPU check: a Latte-sized model through the runtime's torch CUDA backend, side by side with
+diffusers eager on the same GPU. One script, one process, results under ``--out``.
+
+    python tools/gpu_check.py --out "$OUT"                       # H100/H200: < 8 minutes
+    python tools/gpu_check.py --out /tmp/gc --size tiny --device cpu --steps 3   # CPU smoke run
+
+The model has Latte-1's transformer configuration (hidden 1152 = 16 heads x 72, 28 layers,
+patch 2, 16 frames) with random weights, a one-layer T5 with Latte-1's 4096-wide caption
+embeddings, a tiny 8x VAE and Latte-1's DDIM scheduler; 256x256 pixels (latent 32x32), bf16.
+Nothing is downloaded or written besides the results: the engines folder is described in
+memory (the same manifest an export would write, without files) and the torch backend runs
+the exporter's own part modules.
+
+Reported: per-part time (CUDA events, mean over the timed steps), step time, the runtime's
+overhead over diffusers' transformer call per step, denoising seconds and speedup for
+none / static / foresight (manifest defaults and a looser threshold), the effect of CUDA
+graphs, peak memory of each configuration; ``gpu_check.json`` and ``gpu_check.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+SIZES = {
+    # Latte-1 (maxin-cn/Latte-1 transformer/config.json), 256x256: latent 32x32.
+    "latte": dict(heads=16, head_dim=72, layers=28, sample_size=32, patch=2, frames=16, caption=4096, vae_levels=4),
+    "tiny": dict(heads=2, head_dim=16, layers=3, sample_size=8, patch=2, frames=4, caption=64, vae_levels=2),
+}
+PROMPT = "a red panda eating bamboo in a sunny forest"
+
+
+def build(size: dict, device, dtype, seed: int = 0):
+    from diffusers import AutoencoderKL, DDIMScheduler, LatteTransformer3DModel
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        transformer = LatteTransformer3DModel(
+            num_attention_heads=size["heads"], attention_head_dim=size["head_dim"], in_channels=4, out_channels=8,
+            num_layers=size["layers"], cross_attention_dim=size["heads"] * size["head_dim"], attention_bias=True,
+            sample_size=size["sample_size"], patch_size=size["patch"], activation_fn="gelu-approximate",
+            num_embeds_ada_norm=1000, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+            caption_channels=size["caption"], video_length=size["frames"],
+        ).to(dtype).eval()
+        text_encoder = T5EncoderModel(T5Config(vocab_size=384, d_model=size["caption"], d_kv=64, d_ff=256,
+                                               num_layers=1, num_heads=1, is_encoder_decoder=False)).to(dtype).eval()
+        levels = size["vae_levels"]
+        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * levels,
+                            up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=(16,) * levels,
+                            layers_per_block=1, latent_channels=4, norm_num_groups=8).to(dtype).eval()
+    scheduler = DDIMScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False,
+                              set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+    return {"transformer": transformer, "text_encoder": text_encoder, "tokenizer": ByT5Tokenizer(), "vae": vae,
+            "scheduler": scheduler}
+
+
+def in_memory_runtime(components: dict, device, dtype, cuda_graphs: bool = False):
+    """The runtime over an engines description held in memory (no ONNX files)."""
+    from exporter.export import describe
+    from exporter.families import get_family
+    from runtime.backends import TorchBackend
+    from runtime.engine import Runtime
+    from runtime.manifest import Manifest
+    from runtime.pipeline import PipelineParts
+
+    family = get_family("latte")
+    model = components["transformer"]
+    parts = family.parts(model)
+    entries = [{"name": p.name, "file": None, "sha256": None, "inputs": [s.to_dict() for s in p.inputs],
+                "outputs": [s.to_dict() for s in p.outputs]} for p in parts]
+    vae_config = dict(components["vae"].config)
+    dims = family.dims(model, 2 ** (len(vae_config["block_out_channels"]) - 1))
+    manifest = Manifest(Path("."), describe(family, model, vae_config, dims, entries, name="in-memory",
+                                            source="in-memory"))
+    backend = TorchBackend(manifest, device, dtype=dtype, model=model, cuda_graphs=cuda_graphs)
+    return Runtime(manifest, backend, PipelineParts(manifest, torch.device(device), components), torch.device(device))
+
+
+class PartTimer:
+    """Times every backend call (CUDA events on GPU, perf_counter on CPU)."""
+
+    def __init__(self, backend, device):
+        self.backend, self.cuda = backend, torch.device(device).type == "cuda"
+        self.samples: dict[str, list[float]] = {}
+        self._orig = backend.run
+
+    def __enter__(self):
+        def run(part, inputs, outputs):
+            if self.cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                self._orig(part, inputs, outputs)
+                b.record()
+                b.synchronize()
+                ms = a.elapsed_time(b)
+            else:
+                t = time.perf_counter()
+                self._orig(part, inputs, outputs)
+                ms = (time.perf_counter() - t) * 1e3
+            self.samples.setdefault(part, []).append(ms)
+
+        self.backend.run = run
+        return self
+
+    def __exit__(self, *exc):
+        del self.backend.run
+
+
+def diffusers_denoise(components, device, steps, frames, height, width, seed):
+    """Seconds of LattePipeline's denoising loop (its progress-bar block) and of its transformer calls."""
+    import contextlib
+
+    from diffusers import LattePipeline
+
+    pipe = LattePipeline(**{k: components[k] for k in ("tokenizer", "text_encoder", "vae", "transformer",
+                                                        "scheduler")})
+    window, calls = {}, []
+
+    @contextlib.contextmanager
+    def bar(total=None, **_):
+        sync(device)
+        window["start"] = time.perf_counter()
+        yield type("Bar", (), {"update": lambda *a, **k: None})()
+        sync(device)
+        window["end"] = time.perf_counter()
+
+    pipe.progress_bar = bar
+    forward = pipe.transformer.forward
+
+    def timed_forward(*a, **k):
+        sync(device)
+        t = time.perf_counter()
+        out = forward(*a, **k)
+        sync(device)
+        calls.append(time.perf_counter() - t)
+        return out
+
+    pipe.transformer.forward = timed_forward
+    try:
+        pipe(PROMPT, num_inference_steps=steps, video_length=frames, height=height, width=width,
+             generator=torch.Generator("cpu").manual_seed(seed), output_type="latent", clean_caption=False)
+    finally:
+        del pipe.transformer.forward
+    return window["end"] - window["start"], statistics.mean(calls)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_reset(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.device(device).type == "cuda" else None
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--size", choices=sorted(SIZES), default="latte")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    device, dtype = args.device, getattr(torch, args.dtype)
+    size = SIZES[args.size]
+    px = size["sample_size"] * 2 ** (size["vae_levels"] - 1)
+    t0 = time.perf_counter()
+    components = build(size, device, dtype, args.seed)
+    rt = in_memory_runtime(components, device, dtype)
+    cuda = torch.device(device).type == "cuda"
+    rt_graphs = in_memory_runtime(components, device, dtype, cuda_graphs=True) if cuda else None
+    gen = dict(num_frames=size["frames"], height=px, width=px, num_inference_steps=args.steps, seed=args.seed,
+               decode=False)
+    configs = {
+        "none": (rt, dict(policy="none")),
+        "static": (rt, dict(policy="static")),
+        "foresight": (rt, dict(policy="foresight")),
+        "foresight-loose": (rt, dict(policy="foresight", threshold=4.0)),
+    }
+    if rt_graphs is not None:
+        configs["none+cudagraphs"] = (rt_graphs, dict(policy="none"))
+        configs["foresight+cudagraphs"] = (rt_graphs, dict(policy="foresight"))
+    samples = {name: [] for name in ["diffusers", *configs]}
+    memory, skipped, transformer_call = {}, {}, []
+    for name, (runtime, kw) in configs.items():  # warm-up (and CUDA graph capture)
+        runtime.generate(PROMPT, **gen, **kw)
+    diffusers_denoise(components, device, 2, size["frames"], px, px, args.seed)
+    for _ in range(args.repeats):  # interleaved rounds
+        peak_reset(device)
+        seconds, per_call = diffusers_denoise(components, device, args.steps, size["frames"], px, px, args.seed)
+        samples["diffusers"].append(seconds)
+        transformer_call.append(per_call)
+        memory["diffusers"] = peak_gib(device)
+        for name, (runtime, kw) in configs.items():
+            peak_reset(device)
+            r = runtime.generate(PROMPT, **gen, **kw)
+            samples[name].append(r.stats["denoise_seconds"])
+            skipped[name] = r.stats["skipped_share"]
+            memory[name] = peak_gib(device)
+    with PartTimer(rt.backend, device) as timer:
+        rt.generate(PROMPT, **gen, policy="none")
+    part_ms = {part: statistics.mean(v) for part, v in timer.samples.items()}
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    base = med["diffusers"]
+    step_ms = {k: 1e3 * v / args.steps for k, v in med.items()}
+    report = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "torch": torch.__version__, "dtype": args.dtype, "size": args.size, "config": size,
+        "frames": size["frames"], "height": px, "width": px, "steps": args.steps, "repeats": args.repeats,
+        "denoise_seconds_median": med, "samples": samples, "speedup_vs_diffusers": {k: base / v for k, v in med.items()},
+        "step_ms": step_ms, "skipped_share": skipped, "peak_memory_gib": memory,
+        "diffusers_transformer_call_ms": 1e3 * statistics.median(transformer_call),
+        "runtime_overhead_ms_per_step": step_ms["none"] - 1e3 * statistics.median(transformer_call),
+        "part_ms": part_ms,
+        "layer_ms_mean": statistics.mean(v for k, v in part_ms.items() if k.startswith("layer")),
+        "cuda_graphs_speedup": (med["none"] / med["none+cudagraphs"]) if "none+cudagraphs" in med else None,
+        "seconds": time.perf_counter() - t0,
+    }
+    lines = [f"GPU check on {report['device']}: Latte-{args.size} {size['layers']} layers, {size['frames']} frames "
+             f"{px}x{px}, {args.dtype}, {args.steps} steps, median of {args.repeats}", "",
+             "| config | denoise s | ms/step | speedup vs diffusers | layers skipped | peak GiB |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for k in samples:
+        mem = memory.get(k)
+        lines.append(f"| {k} | {med[k]:.3f} | {step_ms[k]:.1f} | {base / med[k]:.2f}x | "
+                     f"{100 * skipped.get(k, 0):.1f}% | {'-' if mem is None else f'{mem:.2f}'} |")
+    lines += ["", f"diffusers transformer call: {report['diffusers_transformer_call_ms']:.1f} ms/step; "
+                  f"runtime overhead: {report['runtime_overhead_ms_per_step']:.1f} ms/step; "
+                  f"mean layer: {report['layer_ms_mean']:.2f} ms; stem {part_ms['stem']:.2f} ms, "
+                  f"head {part_ms['head']:.2f} ms"]
+    if report["cuda_graphs_speedup"]:
+        lines.append(f"CUDA graphs: {report['cuda_graphs_speedup']:.2f}x on none")
+    text = "\n".join(lines)
+    print(text)
+    (args.out / "gpu_check.md").write_text(text + "\n")
+    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
