@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="onnxruntime runs the ONNX files directly; tensorrt also builds one engine per file "
                          "(needs tensorrt and an NVIDIA GPU; an existing --out is updated, unchanged engines reused)")
     ap.add_argument("--workspace", type=int, default=None, help="TensorRT workspace limit in MiB")
+    ap.add_argument("--validate", action="store_true",
+                    help="with --backend tensorrt: compare every engine with ONNX Runtime (Polygraphy) and print "
+                         "a per-layer error table")
     return ap
 
 
@@ -52,6 +55,11 @@ def main(argv: list[str] | None = None) -> int:
             from .tensorrt_build import build_engines
 
             build_engines(folder, workspace=args.workspace and args.workspace << 20)
+            if args.validate:
+                from .tensorrt_build import validate_engines
+
+                if not all(row["passed"] for row in validate_engines(folder)):
+                    raise ForesightError(f"some TensorRT engines in {folder} disagree with ONNX Runtime (table above)")
     except ForesightError as exc:
         print(f"foresight-export: error: {exc}", file=sys.stderr)
         return 2

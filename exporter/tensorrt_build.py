@@ -165,3 +165,39 @@ def write_manifest_section(folder: Path, key: str, value: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def validate_engines(folder: Path, seed: int = 0) -> list[dict]:
+    """Compare every engine with ONNX Runtime (CPU) on the same random inputs at the profile's
+    opt shape, with Polygraphy's runners and comparator; print and return a per-part table."""
+    import numpy as np
+
+    require_tensorrt()
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+    from polygraphy.comparator import Comparator, CompareFunc
+
+    from runtime.manifest import load_manifest
+
+    manifest = load_manifest(folder)
+    section = manifest.data.get("tensorrt") or {}
+    dims = dims_at(manifest.data["dims"], "opt")
+    rng = np.random.default_rng(seed)
+    rows = []
+    for part in manifest.all_parts:
+        engine_file = folder / section["engines"][part["name"]]["file"]
+        feed = {io["name"]: rng.standard_normal(Manifest.shape_of(io, dims)).astype(io["dtype"])
+                for io in part["inputs"]}
+        runners = [TrtRunner(EngineFromBytes(engine_file.read_bytes())),
+                   OnnxrtRunner(SessionFromOnnx(str(folder / part["file"]), providers=["cpu"]))]
+        results = Comparator.run(runners, data_loader=[feed])
+        passed = bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(rtol=1e-2, atol=1e-2)))
+        (_, trt_out), (_, ort_out) = results.items()
+        errors = {}
+        for io in part["outputs"]:
+            a, b = np.asarray(trt_out[0][io["name"]], dtype=np.float64), np.asarray(ort_out[0][io["name"]], dtype=np.float64)
+            errors[io["name"]] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+        rows.append({"part": part["name"], "max_rel_error": errors, "passed": passed})
+        print(f"  {part['name']:<10} " + "  ".join(f"{k} {v:.2e}" for k, v in errors.items())
+              + ("" if passed else "  FAILED"))
+    return rows
