@@ -156,20 +156,35 @@ def validate_part(part, path: Path, dims_spec: dict, generator) -> list[dict]:
     return results
 
 
-def foresight_defaults(family, source: str) -> dict:
-    """The checkpoint's own Foresight defaults (``foresight.json``, picked by a sweep for
-    that model) when it ships them, else the family's."""
+DEFAULTS_FILE = "defaults.json"
+
+
+def checkpoint_defaults(family, source: str) -> tuple[dict, dict]:
+    """(Foresight defaults, pipeline default overrides) for a checkpoint.
+
+    A checkpoint may ship ``defaults.json`` (written by ``tools/train.py``) with the
+    Foresight parameters picked by a sweep for that model (``"foresight"``) and its own
+    ``"guidance_scale"`` / ``"num_inference_steps"``; otherwise the family's apply."""
     from foresight import make_config
 
-    path = Path(source) / "foresight.json"
+    path = Path(source) / DEFAULTS_FILE
     if not path.is_file():
-        return family.foresight_defaults()
+        return family.foresight_defaults(), {}
     try:
         values = json.loads(path.read_text())
-        config = make_config("foresight", **{k: values[k] for k in ("warmup", "recalculate", "threshold")})
+        foresight = family.foresight_defaults()
+        if "foresight" in values:
+            f = values["foresight"]
+            config = make_config("foresight", **{k: f[k] for k in ("warmup", "recalculate", "threshold")})
+            foresight = {k: v for k, v in config.to_dict().items() if k != "policy"}
+        pipeline = {}
+        if "guidance_scale" in values:
+            pipeline["default_guidance"] = float(values["guidance_scale"])
+        if "num_inference_steps" in values:
+            pipeline["default_steps"] = int(values["num_inference_steps"])
     except (ValueError, KeyError, TypeError) as exc:
-        raise ExportError(f"{path} is not a valid Foresight config ({exc}): fix or delete it") from exc
-    return {k: v for k, v in config.to_dict().items() if k != "policy"}
+        raise ExportError(f"{path} is not a valid defaults file ({exc}): fix or delete it") from exc
+    return foresight, pipeline
 
 
 def save_components(components: dict, out: Path) -> None:
@@ -213,7 +228,9 @@ def describe(family, model, vae_config: dict, dims_spec: dict, entries: list[dic
     from runtime import __version__
 
     vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    foresight, pipeline_overrides = checkpoint_defaults(family, source)
     pipeline = family.pipeline(model, vae_config)
+    pipeline.update(pipeline_overrides)
     pipeline.update({c: c for c in COMPONENTS})
     px = vae_factor * model.config.patch_size
     return {
@@ -243,7 +260,7 @@ def describe(family, model, vae_config: dict, dims_spec: dict, entries: list[dic
         "parts": {"stem": entries[0], "layers": entries[1:-1], "head": entries[-1]},
         "flow": family.flow(),
         "pipeline": pipeline,
-        "foresight_defaults": foresight_defaults(family, source),
+        "foresight_defaults": foresight,
     }
 
 

@@ -168,7 +168,7 @@ def _aggregate(policy: str, rows: list[dict]) -> dict:
 
 
 def evaluate(engines_dir, prompts, seed: int = 0, policies=("none", "foresight"), backend: str = "onnxruntime",
-             steps: int | None = None, **overrides) -> dict:
+             steps: int | None = None, guidance: float | None = None, **overrides) -> dict:
     """Generate every prompt with every policy, score adherence and fidelity to ``none``; see the module docstring.
 
     Returns {"rows": one dict per prompt and policy, "aggregates": one per policy, "config": the inputs}.
@@ -189,7 +189,9 @@ def evaluate(engines_dir, prompts, seed: int = 0, policies=("none", "foresight")
     rt = load_runtime(engines_dir, backend)
 
     def generate(prompt: str, prompt_seed: int, policy: str):
-        return rt.generate(prompt, seed=prompt_seed, policy=policy, num_inference_steps=steps, **options[policy])
+        extra = {} if guidance is None else {"guidance_scale": guidance}
+        return rt.generate(prompt, seed=prompt_seed, policy=policy, num_inference_steps=steps, **extra,
+                           **options[policy])
 
     generate(prompts[0], seed, REFERENCE_POLICY)  # warm-up, untimed: first-call costs stay out of the ratios
     rows, configs = [], {}
@@ -219,7 +221,7 @@ def evaluate(engines_dir, prompts, seed: int = 0, policies=("none", "foresight")
         a["speedup_vs_none"] = base / a["total_denoise_seconds"] if a["total_denoise_seconds"] > 0 else math.inf
         a["policy_config"] = configs.get(a["policy"])
     return {
-        "config": {"engines": str(engines_dir), "backend": backend, "steps": steps, "seed": seed,
+        "config": {"engines": str(engines_dir), "backend": backend, "steps": steps, "guidance": guidance, "seed": seed,
                    "policies": policies, "overrides": {k: v for k, v in overrides.items() if v is not None},
                    "prompts": len(prompts)},
         "rows": rows,
@@ -286,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"comma-separated (default none,static,foresight; {REFERENCE_POLICY} is always added)")
     ap.add_argument("--backend", default="onnxruntime")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the manifest's)")
+    ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the manifest's)")
     ap.add_argument("--warmup", type=int, default=None, help="policy option, for every policy that takes it")
     ap.add_argument("--recalculate", type=int, default=None, help="foresight option")
     ap.add_argument("--threshold", type=float, default=None, help="foresight option")
@@ -301,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         report = evaluate(args.engines, held_out_prompts(args.prompts, args.prompt_seed), seed=args.seed,
-                          policies=args.policies, backend=args.backend, steps=args.steps, warmup=args.warmup,
+                          policies=args.policies, backend=args.backend, steps=args.steps, guidance=args.guidance,
+                          warmup=args.warmup,
                           recalculate=args.recalculate, threshold=args.threshold)
     except (ConfigError, ForesightError) as exc:
         print(f"evaluate: error: {exc}", file=sys.stderr)

@@ -81,6 +81,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--min-psnr", type=float, default=32.0, help="mean PSNR vs none the pick must keep")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--mse-heatmap", type=Path, default=None, help="PNG of per-layer mse at every step")
+    ap.add_argument("--write-defaults", type=Path, default=None, metavar="CHECKPOINT",
+                    help="store the pick in CHECKPOINT/defaults.json (read by foresight-export)")
     args = ap.parse_args(argv)
 
     rt = Runtime.load(args.engines, backend=args.backend)
@@ -108,6 +110,12 @@ def main(argv=None) -> dict:
     print(f"pick: {json.dumps({k: best[k] for k in ('warmup', 'recalculate', 'threshold')}) if best else None}")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=lambda v: str(v)) + "\n")
+    if args.write_defaults and best:
+        path = args.write_defaults / "defaults.json"
+        defaults = json.loads(path.read_text()) if path.is_file() else {}
+        defaults["foresight"] = {k: best[k] for k in ("warmup", "recalculate", "threshold")}
+        path.write_text(json.dumps(defaults, indent=1) + "\n")
+        print(f"wrote {path}", file=sys.stderr)
     return report
 
 

@@ -14,8 +14,8 @@ Two stages, both deterministic for ``--seed``:
 
 The result is saved in diffusers ``LattePipeline`` layout (what ``from_pretrained`` and
 ``foresight-export --model-path`` load), plus ``training.json`` (arguments, loss curve,
-seconds) and ``foresight.json`` (the model's Foresight defaults, picked with
-``tools/sweep.py`` and passed here with ``--foresight``). Architecture choices are
+seconds) and ``defaults.json`` (the model's Foresight defaults, picked with
+``tools/sweep.py``, and its guidance scale, passed here with ``--foresight`` / ``--guidance``). Architecture choices are
 model-agnostic where cheap: the model family is picked by ``--model`` (only ``latte`` so far).
 """
 
@@ -187,8 +187,10 @@ def save(out: Path, vae, transformer, text_encoder, tokenizer, scheduler, meta: 
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
-        if meta.get("foresight"):
-            (tmp / "foresight.json").write_text(json.dumps(meta["foresight"], indent=1) + "\n")
+        defaults = {k: v for k, v in (("foresight", meta.get("foresight")), ("guidance_scale", meta.get("guidance")))
+                    if v is not None}
+        if defaults:  # read by foresight-export into the manifest
+            (tmp / "defaults.json").write_text(json.dumps(defaults, indent=1) + "\n")
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -207,11 +209,11 @@ def parse_args(argv=None):
     ap.add_argument("--size", type=int, default=32, help="frame height and width in pixels")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--vae-steps", type=int, default=800)
+    ap.add_argument("--vae-steps", type=int, default=500)
     ap.add_argument("--vae-batch", type=int, default=32)
     ap.add_argument("--vae-lr", type=float, default=2e-3)
     ap.add_argument("--kl-weight", type=float, default=1e-4)
-    ap.add_argument("--steps", type=int, default=4000, help="transformer training steps")
+    ap.add_argument("--steps", type=int, default=6500, help="transformer training steps")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--cond-dropout", type=float, default=0.1)
@@ -221,6 +223,8 @@ def parse_args(argv=None):
                          "right vs a shuffled prompt differed by 4%%)")
     ap.add_argument("--foresight", type=json.loads, default=None,
                     help='the model\'s Foresight defaults as JSON, e.g. \'{"warmup": 6, "recalculate": 3, "threshold": 1.0}\'')
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="the model's default classifier-free guidance scale (picked by evaluation)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     return ap.parse_args(argv)
 
@@ -252,6 +256,7 @@ def main(argv=None) -> dict:
         "final_loss": next(e["smoothed"] for e in reversed(log) if e["stage"] == "transformer"),
         "log": log,
         "foresight": args.foresight,
+        "guidance": args.guidance,
     }
     save(args.out, vae, transformer, text_encoder, tokenizer, scheduler, meta)
     print(f"saved {args.out} after {seconds / 60:.1f} min (final smoothed loss {meta['final_loss']:.4f})",

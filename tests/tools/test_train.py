@@ -15,7 +15,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "latte-mini"
     meta = train.main(["--out", str(out), "--clips", "48", "--vae-steps", "40", "--steps", "60",
                        "--batch", "4", "--layers", "2", "--seed", "3",
-                       "--foresight", '{"warmup": 4, "recalculate": 2, "threshold": 1.5}'])
+                       "--foresight", '{"warmup": 4, "recalculate": 2, "threshold": 1.5}', "--guidance", "3.5"])
     return out, meta
 
 
@@ -41,6 +41,7 @@ def test_checkpoint_loads_like_a_real_one_and_exports(trained, tmp_path):
     engines = export(ExportOptions(model="latte", model_path=str(out), out=tmp_path / "e"), progress=False)
     manifest = json.loads((engines / "manifest.json").read_text())
     assert manifest["foresight_defaults"] == {"warmup": 4, "recalculate": 2, "threshold": 1.5}
+    assert manifest["pipeline"]["default_guidance"] == 3.5
     assert manifest["shapes"]["frames"]["max"] == 8
 
 
