@@ -88,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration after one warm-up (default 3)")
     ap.add_argument("--prompt", default=DEFAULT_PROMPT)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--backends", type=csv_choices(BACKENDS), default=list(BACKENDS),
-                    help=f"comma-separated (default {','.join(BACKENDS)})")
+    ap.add_argument("--backends", type=csv_choices(BACKENDS), default=["onnxruntime", "torch"],
+                    help=f"comma-separated from {','.join(BACKENDS)} (default onnxruntime,torch; tensorrt needs a GPU)")
     ap.add_argument("--policies", type=csv_choices(POLICIES), default=list(POLICIES),
                     help=f"comma-separated (default {','.join(POLICIES)})")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
