@@ -209,6 +209,25 @@ def part_entry(part, file: Path, validation: list[dict]) -> dict:
     }
 
 
+def carry_engines(old: Path, new: Path, manifest: dict) -> None:
+    """Re-exporting over a folder with TensorRT engines keeps them and their manifest section,
+    so ``foresight-export --backend tensorrt`` rebuilds only the engines whose ONNX hash,
+    TensorRT version, GPU or profile changed (it compares against what is carried here)."""
+    try:
+        section = json.loads((old / MANIFEST_NAME).read_text()).get("tensorrt")
+    except (OSError, ValueError):
+        return
+    if not section:
+        return
+    for entry in section.get("engines", {}).values():
+        if (old / entry["file"]).is_file():
+            shutil.copy2(old / entry["file"], new / entry["file"])
+    cache = section.get("timing_cache")
+    if cache and (old / cache).is_file():
+        shutil.copy2(old / cache, new / cache)
+    manifest["tensorrt"] = section
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     old = None
     if out.exists():
@@ -312,6 +331,7 @@ def export(opts: ExportOptions, progress=True) -> Path:
         manifest["validation"] = {"tolerance": opts.tolerance, "reference": "torch eager fp32",
                                   "runner": "onnxruntime CPU"}
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
+        carry_engines(out, tmp, manifest)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         umask = os.umask(0)
         os.umask(umask)

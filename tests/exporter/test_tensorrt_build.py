@@ -92,3 +92,34 @@ def test_every_tensorrt_api_name_the_backend_uses_exists():
         for part in dotted.split("."):
             assert hasattr(obj, part), dotted
             obj = getattr(obj, part)
+
+
+def test_reexport_carries_engines_so_only_changes_rebuild(engines_copy, tmp_path):
+    """A re-export over a folder with TensorRT engines keeps the plans, the timing cache and
+    the manifest section; unchanged ONNX files then need no rebuild."""
+    from exporter.export import carry_engines
+
+    m = json.loads((engines_copy / "manifest.json").read_text())
+    device = {"name": "NVIDIA H100", "compute_capability": "9.0"}
+    engines = {}
+    for part in [m["parts"]["stem"], *m["parts"]["layers"], m["parts"]["head"]]:
+        plan = engines_copy / part["file"].replace(".onnx", ".plan")
+        plan.write_bytes(part["name"].encode())
+        engines[part["name"]] = {"file": plan.name, "sha256": sha256_file(plan), "onnx_sha256": part["sha256"],
+                                 "tensorrt_version": "11.4.0", "device": device, "profile": {}}
+    (engines_copy / "timing.cache").write_bytes(b"cache")
+    write_manifest_section(engines_copy, "tensorrt", {"tensorrt_version": "11.4.0", "device": device,
+                                                      "timing_cache": "timing.cache", "engines": engines})
+    new = tmp_path / "new"
+    new.mkdir()
+    fresh = {"parts": m["parts"]}
+    carry_engines(engines_copy, new, fresh)
+    assert fresh["tensorrt"]["engines"] == engines
+    assert (new / "timing.cache").read_bytes() == b"cache"
+    for name, entry in engines.items():
+        part = next(p for p in [m["parts"]["stem"], *m["parts"]["layers"], m["parts"]["head"]] if p["name"] == name)
+        assert needs_rebuild(entry, part["sha256"], "11.4.0", device, {}, new / entry["file"]) is None
+    # A folder without engines carries nothing.
+    plain = {"parts": m["parts"]}
+    carry_engines(tmp_path / "missing", new, plain)
+    assert "tensorrt" not in plain
