@@ -98,7 +98,9 @@ def export_part(part, dims_spec: dict, path: Path, generator) -> None:
     sink = io.StringIO()
     # The exporter warns once per export about torchvision ops it cannot register; noise here.
     logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), torch.no_grad():
+    from .attention import packed_heads
+
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink), torch.no_grad(), packed_heads(part.module):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             part.module, example, str(path), dynamo=True, opset_version=OPSET,
