@@ -8,14 +8,13 @@ checks of the step reach the host in one transfer and go back to the controller.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from foresight import ConfigError, ForesightConfig, NoneConfig, StaticConfig, make_config, make_controller
+from foresight import ForesightConfig, NoneConfig, StaticConfig, make_config, make_controller
 
 from .backends import make_backend
 from .buffers import BufferPool
@@ -81,14 +80,16 @@ class Runtime:
 
     # ---------------------------------------------------------------- policy
     def make_policy(self, policy=None, **overrides):
+        """A validated policy config: a name (foresight starts from the manifest's defaults) or
+        a config object, with the non-None ``overrides`` applied on top."""
         if isinstance(policy, (NoneConfig, StaticConfig, ForesightConfig)):
-            return make_config(policy.name, **{**policy.to_dict(), **overrides, "policy": None}) if overrides else policy
-        name = policy or "foresight"
-        if name == "foresight":
-            defaults = dict(self.manifest.data["foresight_defaults"])
-            defaults.update({k: v for k, v in overrides.items() if v is not None})
-            return make_config(name, **defaults)
-        return make_config(name, **overrides)
+            name = policy.name
+            values = {k: v for k, v in policy.to_dict().items() if k != "policy"}
+        else:
+            name = policy or "foresight"
+            values = dict(self.manifest.data["foresight_defaults"]) if name == "foresight" else {}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return make_config(name, **values)
 
     # ---------------------------------------------------------------- generate
     @torch.no_grad()

@@ -213,3 +213,18 @@ def test_torch_backend_in_bfloat16(engines_dir, runtime_torch):
     ref = runtime_torch.generate(PROMPT, **kw)
     rel = float((low.latents - ref.latents).abs().max() / ref.latents.abs().max())
     assert 0 < rel < 0.1
+
+
+def test_policy_configs_and_overrides(runtime_ort):
+    from foresight import ConfigError, ForesightConfig, StaticConfig
+
+    assert runtime_ort.make_policy() == ForesightConfig(**runtime_ort.manifest.data["foresight_defaults"])
+    assert runtime_ort.make_policy("foresight", threshold=9.0).threshold == 9.0
+    cfg = runtime_ort.make_policy(ForesightConfig(warmup=3, recalculate=5, threshold=0.1), threshold=2.0)
+    assert cfg == ForesightConfig(warmup=3, recalculate=5, threshold=2.0)
+    assert runtime_ort.make_policy(StaticConfig(warmup=2), reuse=None) == StaticConfig(warmup=2)
+    with pytest.raises(ConfigError):
+        runtime_ort.make_policy(StaticConfig(), threshold=1.0)
+    r = runtime_ort.generate(PROMPT, num_inference_steps=6, policy=ForesightConfig(warmup=2, recalculate=3),
+                             threshold=50.0, decode=False)
+    assert r.stats["policy_config"] == {"policy": "foresight", "warmup": 2, "recalculate": 3, "threshold": 50.0}
