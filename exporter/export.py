@@ -22,7 +22,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.errors import ForesightError, ModelError
+from runtime.errors import ForesightError
 from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, sha256_file
 
 from .families import get_family
@@ -230,7 +230,8 @@ def carry_engines(old: Path, new: Path, manifest: dict) -> None:
     manifest["tensorrt"] = section
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
     old = None
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -338,7 +339,7 @@ def export(opts: ExportOptions, progress=True) -> Path:
         umask = os.umask(0)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the folder should be as readable as any other
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -14,8 +14,6 @@ rebuild decision, the manifest section) are tested everywhere.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from runtime.errors import BackendError
@@ -154,17 +152,12 @@ def build_engines(folder: Path, workspace: int | None = None, progress=True) -> 
 
 def write_manifest_section(folder: Path, key: str, value: dict) -> None:
     """Replace one top-level manifest entry atomically (temp file + rename)."""
+    from runtime.video import atomic_write
+
     path = folder / MANIFEST_NAME
     data = json.loads(path.read_text())
     data[key] = value
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def validate_engines(folder: Path, seed: int = 0) -> list[dict]:

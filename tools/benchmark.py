@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import math
 import os
 import platform
@@ -57,21 +56,13 @@ if str(ROOT) not in sys.path:  # run as a script: the repository's packages and 
 from foresight import POLICIES, ConfigError  # noqa: E402
 from runtime.backends import BACKENDS  # noqa: E402
 from runtime.errors import ForesightError, ManifestError  # noqa: E402
+from tools import common  # noqa: E402
+from tools.common import csv_choices  # noqa: E402
 from tools.metrics import psnr  # noqa: E402
 
 DEFAULT_ENGINES = Path("engines/latte-tiny")
 DEFAULT_PROMPT = "a red panda eating bamboo in a sunny forest"
 BASELINE = "diffusers"
-
-
-def csv_choices(allowed: tuple[str, ...]):
-    def parse(text: str) -> list[str]:
-        items = [s.strip() for s in text.split(",") if s.strip()]
-        bad = [s for s in items if s not in allowed]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"{text!r}: pass a comma-separated list of {', '.join(allowed)}")
-        return list(dict.fromkeys(items))
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -401,10 +392,7 @@ def run_benchmark(args, command: str) -> dict:
 def write_json(report: dict, path: Path) -> None:
     data = dict(report)
     data["results"] = [{k: json_float(v) if isinstance(v, float) else v for k, v in r.items()} for r in report["results"]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    common.write_json(data, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,9 +22,7 @@ In the JSON, infinite values are the string "inf" (JSON has no infinity).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import shlex
 import statistics
 import sys
@@ -39,6 +37,8 @@ if str(ROOT) not in sys.path:  # run as a script: the repository's packages and 
 
 from foresight import POLICIES, ConfigError, make_config  # noqa: E402
 from runtime.errors import ForesightError  # noqa: E402  (no torch: runtime imports its engine lazily)
+from tools import common  # noqa: E402
+from tools.common import csv_choices  # noqa: E402
 from tools.metrics import psnr, ssim  # noqa: E402
 from tools.synthetic import BACKGROUNDS, COLORS, REFERENCE_SIZE, held_out_prompts, parse_prompt  # noqa: E402
 
@@ -259,18 +259,7 @@ def _json_safe(value):
 
 
 def write_json(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(report), indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def csv_policies(text: str) -> list[str]:
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    bad = [s for s in items if s not in POLICIES]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(f"{text!r}: pass a comma-separated list of {', '.join(POLICIES)}")
-    return list(dict.fromkeys(items))
+    common.write_json(_json_safe(report), path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -284,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompts", type=int, default=32, help="number of held-out prompts (default 32)")
     ap.add_argument("--prompt-seed", type=int, default=12345, help="seed of held_out_prompts (default 12345)")
     ap.add_argument("--seed", type=int, default=0, help="generation seed of prompt 0; prompt i uses seed + i")
-    ap.add_argument("--policies", type=csv_policies, default=["none", "static", "foresight"],
+    ap.add_argument("--policies", type=csv_choices(POLICIES), default=["none", "static", "foresight"],
                     help=f"comma-separated (default none,static,foresight; {REFERENCE_POLICY} is always added)")
     ap.add_argument("--backend", default="onnxruntime")
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the manifest's)")

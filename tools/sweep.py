@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tools import common  # noqa: E402
 from tools.metrics import psnr  # noqa: E402
 from tools.synthetic import held_out_prompts  # noqa: E402
 
@@ -109,12 +110,12 @@ def main(argv=None) -> dict:
               f"{r['mean_psnr']:.2f} | {r['min_psnr']:.2f} | {r['speedup']:.2f}x{mark} |")
     print(f"pick: {json.dumps({k: best[k] for k in ('warmup', 'recalculate', 'threshold')}) if best else None}")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1, default=lambda v: str(v)) + "\n")
+        common.write_json(report, args.json, default=str)
     if args.write_defaults and best:
         path = args.write_defaults / "defaults.json"
         defaults = json.loads(path.read_text()) if path.is_file() else {}
         defaults["foresight"] = {k: best[k] for k in ("warmup", "recalculate", "threshold")}
-        path.write_text(json.dumps(defaults, indent=1) + "\n")
+        common.write_json(defaults, path)
         print(f"wrote {path}", file=sys.stderr)
     return report
 

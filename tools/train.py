@@ -180,6 +180,8 @@ def train_transformer(transformer, text_encoder, tokenizer, latents, prompts, ar
 def save(out: Path, vae, transformer, text_encoder, tokenizer, scheduler, meta: dict) -> None:
     from diffusers import LattePipeline
 
+    from exporter.export import replace_dir
+
     pipe = LattePipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                          scheduler=scheduler)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -191,9 +193,7 @@ def save(out: Path, vae, transformer, text_encoder, tokenizer, scheduler, meta: 
                     if v is not None}
         if defaults:  # read by foresight-export into the manifest
             (tmp / "defaults.json").write_text(json.dumps(defaults, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -288,10 +288,6 @@ def test_overwrite_replaces_the_existing_folder(model_path_export):
 
 
 def test_model_path_export_matches_the_preset_export(model_path_export, engines_dir, manifest):
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-
     r = model_path_export
     assert r.rc == 0, r.stderr
     other = json.loads((r.out / "manifest.json").read_text())
