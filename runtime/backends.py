@@ -11,6 +11,7 @@ eagerly.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections import Counter
 
 import torch
@@ -19,6 +20,7 @@ from .errors import BackendError
 from .manifest import Manifest
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
+log = logging.getLogger(__name__)
 
 
 class Backend:
@@ -43,6 +45,13 @@ class Backend:
 
     def _run(self, part, inputs, outputs):  # pragma: no cover - interface
         raise NotImplementedError
+
+    @staticmethod
+    def _graph_key(part, inputs, outputs) -> tuple:
+        """A captured CUDA graph is bound to its buffers' addresses and shapes. Buffers are
+        preallocated and ping-pong between two sets, so each part sees only a few distinct
+        combinations: one graph per combination."""
+        return (part, *((t.data_ptr(), tuple(t.shape)) for t in (*inputs.values(), *outputs.values())))
 
 
 class OnnxRuntimeBackend(Backend):
@@ -166,10 +175,8 @@ class TorchBackend(Backend):
     def _run(self, part, inputs, outputs):
         if not self.cuda_graphs:
             return self._eager(part, inputs, outputs)
-        # Buffers are preallocated and ping-pong between two sets, so each part sees only a few
-        # distinct address combinations: one graph per combination, all sharing one memory pool
-        # (parts run one after another on one stream, never concurrently).
-        key = (part, *((t.data_ptr(), tuple(t.shape)) for t in (*inputs.values(), *outputs.values())))
+        # All graphs share one memory pool (parts run one after another on one stream, never concurrently).
+        key = self._graph_key(part, inputs, outputs)
         graph = self._graphs.get(key)
         if graph is None:
             side = torch.cuda.Stream(self.device)
@@ -208,7 +215,10 @@ class TensorRTBackend(Backend):
                "IExecutionContext.set_device_memory", "IExecutionContext.set_input_shape",
                "IExecutionContext.set_tensor_address", "IExecutionContext.execute_async_v3")
 
-    def __init__(self, manifest: Manifest, device: torch.device):
+    def __init__(self, manifest: Manifest, device: torch.device, cuda_graphs: bool = False):
+        """``cuda_graphs``: after a part's first call with a set of buffers, capture its
+        ``execute_async_v3`` into a CUDA graph and replay that for later calls with the same
+        buffers (a failed capture falls back to plain enqueues for that part)."""
         super().__init__(manifest, device)
         from exporter.tensorrt_build import check_runtime_compat, device_identity, require_tensorrt
 
@@ -240,6 +250,8 @@ class TensorRTBackend(Backend):
             self.contexts[name] = ctx
         # A non-default stream: TensorRT syncs extra on the legacy default stream.
         self.stream = torch.cuda.Stream(device=self.device)
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[tuple, object] = {}  # key -> CUDAGraph, or False where capture failed
 
     @contextlib.contextmanager
     def denoise_context(self):
@@ -251,6 +263,29 @@ class TensorRTBackend(Backend):
         outer.wait_stream(self.stream)  # decoding after the loop sees the final latents
 
     def _run(self, part, inputs, outputs):
+        if not self.cuda_graphs:
+            return self._enqueue(part, inputs, outputs)
+        key = self._graph_key(part, inputs, outputs)
+        graph = self._graphs.get(key)
+        if graph is None:
+            self._enqueue(part, inputs, outputs)  # enqueue once before capture: this call's work
+            self._graphs[key] = self._capture(part, inputs, outputs)
+        elif graph is False:
+            self._enqueue(part, inputs, outputs)
+        else:
+            graph.replay()  # on the current stream: the engines' stream inside denoise_context
+
+    def _capture(self, part, inputs, outputs):
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):  # captured on the engines' (side) stream
+                self._enqueue(part, inputs, outputs)
+        except (RuntimeError, BackendError) as exc:
+            log.warning("CUDA graph capture of %s failed (%s); it runs without a graph", part, exc)
+            return False
+        return graph
+
+    def _enqueue(self, part, inputs, outputs):
         ctx = self.contexts[part]
         for name, t in inputs.items():
             ctx.set_input_shape(name, tuple(t.shape))

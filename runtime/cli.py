@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tensorrt needs engines built with foresight-export --backend tensorrt and a GPU")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--checkpoint", default=None, help="torch backend: the source checkpoint if it moved")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="torch and tensorrt backends on CUDA: capture each part once per buffer set and replay it")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                     help="torch backend compute dtype (engines keep the precision they were exported in)")
     ap.add_argument("--stats", type=Path, default=None, help="write stats and the decision trace as JSON")
@@ -80,7 +82,10 @@ def run(args) -> dict:
     if args.backend != "torch" and (args.checkpoint or args.dtype):
         raise ConfigError("--checkpoint and --dtype apply to --backend torch only; engines keep the precision "
                           "they were exported in")
-    kwargs = {k: v for k, v in (("checkpoint", args.checkpoint), ("dtype", args.dtype)) if v}
+    if args.cuda_graphs and args.backend == "onnxruntime":
+        raise ConfigError("--cuda-graphs applies to --backend torch or tensorrt on --device cuda")
+    kwargs = {k: v for k, v in (("checkpoint", args.checkpoint), ("dtype", args.dtype),
+                                ("cuda_graphs", args.cuda_graphs)) if v}
     runtime = Runtime.load(args.engines, backend=args.backend, device=args.device, **kwargs)
     result = runtime.generate(
         args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height,

@@ -114,7 +114,7 @@ class Runtime:
 
         scheduler = self.parts.new_scheduler()
         scheduler.set_timesteps(steps, device=self.device)
-        latents, generator = self.parts.initial_latents(scheduler, frames, height, width, seed)
+        latents, generator = self.parts.initial_latents(scheduler, frames, height, width, seed, prompt_embeds.dtype)
         step_kwargs = self.parts.step_kwargs(scheduler, generator)
         learned_sigma = self.parts.uses_learned_sigma(scheduler)
 

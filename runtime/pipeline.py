@@ -88,13 +88,17 @@ class PipelineParts:
         negative, _ = self._encode([negative_prompt.lower().strip()], max_length)
         return torch.cat([negative[:, :keep], embeds], dim=0)
 
-    def initial_latents(self, scheduler, frames: int, height: int, width: int, seed: int) -> torch.Tensor:
+    def initial_latents(self, scheduler, frames: int, height: int, width: int, seed: int,
+                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The starting noise, drawn as LattePipeline draws it (CPU generator, in the prompt
+        embeddings' ``dtype``: a reduced-precision draw is not always the fp32 draw rounded),
+        returned in fp32 for the runtime's fp32 scheduler."""
         from diffusers.utils.torch_utils import randn_tensor
 
         f = self.config["vae_scale_factor"]
         shape = (1, self.config["latent_channels"], frames, height // f, width // f)
         generator = torch.Generator(device="cpu").manual_seed(seed)
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=torch.float32)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=dtype).float()
         return latents * scheduler.init_noise_sigma, generator
 
     @staticmethod

@@ -118,7 +118,8 @@ class PartTimer:
 
 
 def diffusers_denoise(components, device, steps, frames, height, width, seed):
-    """Seconds of LattePipeline's denoising loop (its progress-bar block) and of its transformer calls."""
+    """Seconds of LattePipeline's denoising loop (its progress-bar block), of its transformer calls, and
+    its final latents."""
     import contextlib
 
     from diffusers import LattePipeline
@@ -148,11 +149,11 @@ def diffusers_denoise(components, device, steps, frames, height, width, seed):
 
     pipe.transformer.forward = timed_forward
     try:
-        pipe(PROMPT, num_inference_steps=steps, video_length=frames, height=height, width=width,
+        out = pipe(PROMPT, num_inference_steps=steps, video_length=frames, height=height, width=width,
              generator=torch.Generator("cpu").manual_seed(seed), output_type="latent", clean_caption=False)
     finally:
         del pipe.transformer.forward
-    return window["end"] - window["start"], statistics.mean(calls)
+    return window["end"] - window["start"], statistics.mean(calls), out.frames
 
 
 def sync(device):
@@ -204,9 +205,11 @@ def main(argv=None) -> dict:
     for name, (runtime, kw) in configs.items():  # warm-up (and CUDA graph capture)
         runtime.generate(PROMPT, **gen, **kw)
     diffusers_denoise(components, device, 2, size["frames"], px, px, args.seed)
+    latents = {}
     for _ in range(args.repeats):  # interleaved rounds
         peak_reset(device)
-        seconds, per_call = diffusers_denoise(components, device, args.steps, size["frames"], px, px, args.seed)
+        seconds, per_call, latents["diffusers"] = diffusers_denoise(components, device, args.steps, size["frames"],
+                                                                    px, px, args.seed)
         samples["diffusers"].append(seconds)
         transformer_call.append(per_call)
         memory["diffusers"] = peak_gib(device)
@@ -214,6 +217,7 @@ def main(argv=None) -> dict:
             peak_reset(device)
             r = runtime.generate(PROMPT, **gen, **kw)
             samples[name].append(r.stats["denoise_seconds"])
+            latents[name] = r.latents
             skipped[name] = r.stats["skipped_share"]
             memory[name] = peak_gib(device)
     with PartTimer(rt.backend, device) as timer:
@@ -222,6 +226,31 @@ def main(argv=None) -> dict:
     med = {k: statistics.median(v) for k, v in samples.items()}
     base = med["diffusers"]
     step_ms = {k: 1e3 * v / args.steps for k, v in med.items()}
+    def rel(a: str, b: str) -> float | None:
+        if a not in latents or b not in latents:
+            return None
+        x, y = latents[a].float(), latents[b].float()
+        return float((x - y).abs().max() / y.abs().max())
+
+    # Agreement of final latents: the runtime's full compute vs diffusers (same seed, same dtype), and
+    # CUDA graph replay (with ping-pong buffers) vs eager on the runtime.
+    agreement = {"none_vs_diffusers": rel("none", "diffusers"),
+                 "none+cudagraphs_vs_none": rel("none+cudagraphs", "none"),
+                 "foresight+cudagraphs_vs_foresight": rel("foresight+cudagraphs", "foresight"),
+                 "foresight_vs_none": rel("foresight", "none")}
+    # One denoising step in the run's dtype: one forward's worth of rounding, before a random-weight
+    # model's 20 steps amplify it (its latents grow to hundreds), and the whole run in float32.
+    _, _, latents["diffusers_1_step"] = diffusers_denoise(components, device, 1, size["frames"], px, px, args.seed)
+    latents["none_1_step"] = rt.generate(PROMPT, **{**gen, "num_inference_steps": 1}, policy="none").latents
+    agreement["none_vs_diffusers_1_step"] = rel("none_1_step", "diffusers_1_step")
+    if dtype != torch.float32:
+        del rt_graphs, configs
+        components = build(size, device, torch.float32, args.seed)  # same seed: the same weights, in fp32
+        rt32 = in_memory_runtime(components, device, torch.float32)
+        _, _, latents["diffusers_float32"] = diffusers_denoise(components, device, args.steps, size["frames"], px,
+                                                               px, args.seed)
+        latents["none_float32"] = rt32.generate(PROMPT, **gen, policy="none").latents
+        agreement["none_vs_diffusers_float32"] = rel("none_float32", "diffusers_float32")
     report = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "torch": torch.__version__, "dtype": args.dtype, "size": args.size, "config": size,
@@ -230,7 +259,8 @@ def main(argv=None) -> dict:
         "step_ms": step_ms, "skipped_share": skipped, "peak_memory_gib": memory,
         "diffusers_transformer_call_ms": 1e3 * statistics.median(transformer_call),
         "runtime_overhead_ms_per_step": step_ms["none"] - 1e3 * statistics.median(transformer_call),
-        "part_ms": part_ms,
+        "part_ms": part_ms, "latents_rel_err": agreement,
+        "diffusers_latents_max_abs": float(latents["diffusers"].float().abs().max()),
         "layer_ms_mean": statistics.mean(v for k, v in part_ms.items() if k.startswith("layer")),
         "cuda_graphs_speedup": (med["none"] / med["none+cudagraphs"]) if "none+cudagraphs" in med else None,
         "seconds": time.perf_counter() - t0,
@@ -247,6 +277,8 @@ def main(argv=None) -> dict:
                   f"runtime overhead: {report['runtime_overhead_ms_per_step']:.1f} ms/step; "
                   f"mean layer: {report['layer_ms_mean']:.2f} ms; stem {part_ms['stem']:.2f} ms, "
                   f"head {part_ms['head']:.2f} ms"]
+    lines.append("final latents, max abs diff / max abs: " + ", ".join(
+        f"{k} {v:.2e}" for k, v in agreement.items() if v is not None))
     if report["cuda_graphs_speedup"]:
         lines.append(f"CUDA graphs: {report['cuda_graphs_speedup']:.2f}x on none")
     text = "\n".join(lines)

@@ -84,6 +84,12 @@ class ClipSpec:
         return self.x0 + dx * self.speed * t, self.y0 + dy * self.speed * t
 
 
+def vocabulary() -> list[str]:
+    """Every word a prompt of this domain can hold, in a fixed order."""
+    words = ["a", "moving", "on", "background", *COLORS, *SHAPES, *DIRECTIONS, *BACKGROUNDS]
+    return list(dict.fromkeys(words))
+
+
 def parse_prompt(prompt: str) -> dict:
     """The inverse of ``ClipSpec.prompt``: {"shape", "color", "direction", "background"}."""
     m = _PROMPT.fullmatch(prompt) if isinstance(prompt, str) else None

@@ -63,16 +63,33 @@ def build_components(args):
         patch_size=1, activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
         norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=TEXT_DIM, video_length=args.frames,
     )
+    tokenizer = word_tokenizer(synthetic.vocabulary()) if args.tokenizer == "word" else ByT5Tokenizer()
     text_encoder = T5EncoderModel(T5Config(
-        vocab_size=384, d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
         feed_forward_proj="gated-gelu", is_encoder_decoder=False,
     ))
-    tokenizer = ByT5Tokenizer()
     # Latte-1's scheduler settings (DDIM over the linear-beta DDPM schedule it was trained with).
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                               clip_sample=False, set_alpha_to_one=True, steps_offset=0, prediction_type=args.prediction,
                               timestep_spacing="leading")
     return vae, transformer, text_encoder, tokenizer, scheduler
+
+
+def word_tokenizer(words: list[str]):
+    """A word-level tokenizer over ``words`` (lower-cased, split on whitespace and punctuation, "</s>" appended,
+    unknown words -> "<unk>"), built with the tokenizers library and saved as a standard ``tokenizer.json``
+    that ``AutoTokenizer.from_pretrained`` loads. Needs no downloaded vocabulary."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]
+    vocab = {w: i for i, w in enumerate(specials + [w for w in words if w not in specials])}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   model_max_length=TEXT_TOKENS)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
@@ -216,6 +233,9 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=5000, help="transformer training steps")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--tokenizer", choices=["word", "byte"], default="word",
+                    help="word: a word-level vocabulary of the synthetic domain (one token per attribute); "
+                         "byte: ByT5's byte tokenizer (the encoder must learn words from bytes)")
     ap.add_argument("--cond-dropout", type=float, default=0.1)
     ap.add_argument("--prediction", choices=["epsilon", "v_prediction"], default="v_prediction",
                     help="what the transformer predicts; v gives the high-noise steps, where the prompt decides "

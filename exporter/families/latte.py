@@ -44,12 +44,13 @@ class LatteStem(nn.Module):
         x = self.proj(x).flatten(2).transpose(1, 2)  # (B*F, h*w, D)
         # diffusers recomputes this table whenever (h, w) differs from the training size and
         # uses a precomputed copy of the same function's output otherwise: always computing
-        # it gives identical numbers and keeps h and w dynamic in the exported graph.
+        # it gives the same numbers and keeps h and w dynamic in the exported graph.
         pos = get_2d_sincos_pos_embed(
             x.shape[-1], (h, w), base_size=self.base_size,
             interpolation_scale=self.interpolation_scale, device=x.device, output_type="pt",
         )
-        x = (x + pos.float().unsqueeze(0)).to(x.dtype)
+        # diffusers adds its table in the model's dtype (a buffer cast with the model): the same rounding here.
+        x = x + pos.to(x.dtype).unsqueeze(0)
         temb, embedded_timestep = self.adaln_single(
             timestep, added_cond_kwargs={"resolution": None, "aspect_ratio": None},
             batch_size=b, hidden_dtype=x.dtype,

@@ -123,6 +123,9 @@ BAD_ARGS = {
                                  r"--threshold do\(es\) not apply to --policy none"),
     "static": lambda sh: (("--policy", "static", "--reuse", 2, "--period", 2), r"reuse"),
     "steps": lambda sh: (("--steps", 0), r"--steps must be >= 1"),
+    "cuda-graphs-ort": lambda sh: (("--cuda-graphs",), r"--cuda-graphs applies to --backend torch or tensorrt"),
+    "cuda-graphs-cpu": lambda sh: (("--cuda-graphs", "--backend", "torch", "--device", "cpu"),
+                                   r"CUDA graphs need --device cuda"),
 }
 
 
