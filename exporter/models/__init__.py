@@ -1,0 +1,1 @@
+"""Model implementations that are not in diffusers (Open-Sora 1.2 STDiT3)."""
