@@ -42,7 +42,6 @@ import datetime
 import math
 import os
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -55,7 +54,7 @@ if str(ROOT) not in sys.path:  # run as a script: the repository's packages and 
 
 from foresight import POLICIES, ConfigError  # noqa: E402
 from runtime.backends import BACKENDS  # noqa: E402
-from runtime.errors import ForesightError, ManifestError  # noqa: E402
+from runtime.errors import ManifestError  # noqa: E402
 from tools import common  # noqa: E402
 from tools.common import csv_choices  # noqa: E402
 from tools.metrics import psnr  # noqa: E402
@@ -397,24 +396,7 @@ def write_json(report: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = "python tools/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    try:
-        report = run_benchmark(args, command.strip())
-    except (ForesightError, ConfigError) as exc:
-        print(f"benchmark: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("benchmark: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    print(report["table"])
-    if args.json:
-        write_json(report, args.json)
-        log(f"wrote {args.json}")
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(markdown_section(report))
-        log(f"appended to {args.markdown}")
-    return 0
+    return common.report_main("benchmark", args, argv, run_benchmark, write_json, markdown_section)
 
 
 if __name__ == "__main__":

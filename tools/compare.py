@@ -79,7 +79,6 @@ import io
 import logging
 import math
 import re
-import shlex
 import statistics
 import sys
 import tempfile
@@ -96,8 +95,8 @@ if str(ROOT) not in sys.path:  # run as a script: the repository's packages and 
 
 from foresight import POLICIES, ConfigError  # noqa: E402
 from runtime.backends import BACKENDS  # noqa: E402
-from runtime.errors import BackendError, ForesightError  # noqa: E402
-from tools import benchmark, evaluate  # noqa: E402
+from runtime.errors import BackendError  # noqa: E402
+from tools import benchmark, common, evaluate  # noqa: E402
 from tools.common import csv_choices  # noqa: E402
 from tools.metrics import psnr, ssim  # noqa: E402
 from tools.synthetic import held_out_prompts  # noqa: E402
@@ -863,29 +862,15 @@ def _compare(args, command: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = ("python tools/compare.py " + shlex.join(sys.argv[1:] if argv is None else argv)).strip()
-    try:
-        report = run_compare(args, command)
-    except (ForesightError, ConfigError) as exc:
-        print(f"compare: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("compare: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    print(report["table"])
-    if args.json:
-        evaluate.write_json(report, args.json)
-        log(f"wrote {args.json}")
-    if args.plot:
-        c = report["config"]
-        plot(report["results"], args.plot, f"{c['model']} ({c['size']}), {c['steps']} steps, {c['device']}: "
-             f"speedup vs fidelity to diffusers full compute")
-        log(f"wrote {args.plot}")
-    if args.markdown:
-        with open(args.markdown, "a") as f:
-            f.write(markdown_section(report))
-        log(f"appended to {args.markdown}")
-    return 0
+
+    def more(report: dict, say) -> None:
+        if args.plot:
+            c = report["config"]
+            plot(report["results"], args.plot, f"{c['model']} ({c['size']}), {c['steps']} steps, {c['device']}: "
+                 f"speedup vs fidelity to diffusers full compute")
+            say(f"wrote {args.plot}")
+
+    return common.report_main("compare", args, argv, run_compare, evaluate.write_json, markdown_section, more)
 
 
 if __name__ == "__main__":
