@@ -52,3 +52,28 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
     assert [e.get("loss", e.get("recon")) for e in a["log"]] == [e.get("loss", e.get("recon")) for e in b["log"]]
     assert (tmp_path / "a" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes() == \
         (tmp_path / "b" / "transformer" / "diffusion_pytorch_model.safetensors").read_bytes()
+
+
+def test_timestep_sampling_uniform_or_skewed_to_high_noise():
+    import torch
+
+    uniform = train.sample_timesteps(20000, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(uniform, torch.randint(0, 1000, (20000,), generator=torch.Generator().manual_seed(0)))
+    skewed = train.sample_timesteps(20000, 2.0, torch.Generator().manual_seed(0))
+    assert int(skewed.min()) >= 0 and int(skewed.max()) <= 999 and skewed.dtype == torch.int64
+    assert abs(float(uniform.float().mean()) - 500) < 15
+    assert abs(float(skewed.float().mean()) - 2000 / 3) < 15  # E[1 - (1-u)^2] = 2/3
+    assert float((skewed >= 700).float().mean()) > 0.5 > float((uniform >= 700).float().mean())
+
+
+def test_word_tokenizer_round_trips_through_autotokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tools.synthetic import vocabulary
+
+    tok = train.word_tokenizer(vocabulary())
+    ids = tok("A red square moving left on a black background").input_ids
+    assert tok.unk_token_id not in ids and ids[-1] == tok.eos_token_id and len(ids) == 10
+    assert tok("a plaid blob").input_ids.count(tok.unk_token_id) == 2
+    tok.save_pretrained(tmp_path)
+    assert AutoTokenizer.from_pretrained(tmp_path)("a red square").input_ids == tok("a red square").input_ids
