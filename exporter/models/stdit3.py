@@ -165,7 +165,7 @@ def timestep_sinusoid(t: torch.Tensor, dim: int = FREQUENCY_EMBEDDING_SIZE, max_
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def pos_embed_2d(dim: int, h: int, w: int, scale: torch.Tensor, base_size: int) -> torch.Tensor:
+def pos_embed_2d(dim: int, h: int, w: int, scale: torch.Tensor, base_size) -> torch.Tensor:
     """The fp32 2D sin-cos table of one frame, ``(h*w, dim)``, tokens row-major.
 
     Row/col positions are ``i / scale * (base_size / n)``; a token's embedding is
@@ -330,7 +330,9 @@ class MultiHeadCrossAttention(nn.Module):
         kv = self.kv_linear(y).view(b, y.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         k, v = kv.unbind(0)  # (b, H, L, d)
         # Key-padding mask in place of the release's packed block-diagonal bias: same softmax support.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=y_mask[:, None, None, :])  # (b, H, n, d)
+        # Expanded over the queries: ONNX Runtime's Attention kernel does not broadcast a mask over them.
+        mask = y_mask[:, None, None, :].expand(b, 1, n, y.shape[1])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (b, H, n, d)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
@@ -475,7 +477,8 @@ class STDiT3(nn.Module):
         _, ph, pw = self.config.patch_size
         h, w = -(-hx // ph), -(-wx // pw)  # token grid after padding
         s = h * w
-        base_size = round(s**0.5)
+        # round(sqrt(S)) as tensor ops (half to even, as Python's round): an exported graph keeps S symbolic.
+        base_size = torch.round(torch.sqrt(torch.ones((), dtype=torch.float32, device=x.device) * s))
         scale = torch.sqrt(height[0].float() * width[0].float()) / self.config.input_sq_size
         pos = pos_embed_2d(self.config.hidden_size, h, w, scale, base_size)  # (S, C)
 
