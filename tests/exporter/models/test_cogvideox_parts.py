@@ -1,0 +1,55 @@
+"""CogVideoX's parts: the stem/layers/head stack equals diffusers' CogVideoXTransformer3DModel,
+and every part exports to ONNX with dynamic batch, frames, token grid and text length, matching
+PyTorch at two shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exporter.export import export_part, make_inputs, validate_part, validation_dims
+from exporter.families import cogvideox
+
+
+def tiny(rotary: bool = True):
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    return CogVideoXTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=32,
+        text_embed_dim=24, num_layers=2, sample_width=16, sample_height=16, sample_frames=9, patch_size=2,
+        max_text_seq_length=8, use_rotary_positional_embeddings=rotary).eval()
+
+
+def test_stacked_parts_equal_the_diffusers_model():
+    model = tiny()
+    parts = cogvideox.parts(model)
+    assert [p.name for p in parts] == ["stem", "layer_000", "layer_001", "head"]
+    dims = validation_dims(cogvideox.dims(model, max_frames=4, max_grid=8))[1]
+    g = torch.Generator().manual_seed(3)
+    inputs = dict(zip([s.name for s in parts[0].inputs], make_inputs(parts[0].inputs, dims, g)))
+    rot = make_inputs(parts[1].inputs[3:], dims, g)
+    inputs.update(rotary_cos=rot[0], rotary_sin=rot[1])
+    got = cogvideox.stacked(parts, inputs)
+    with torch.no_grad():
+        want = model(inputs["latents"], inputs["encoder_hidden_states"], inputs["timestep"],
+                     image_rotary_emb=(rot[0].flatten(0, 2), rot[1].flatten(0, 2)), return_dict=False)[0]
+    assert got.shape == (dims["B"], dims["F"], 4, dims["H"], dims["W"])
+    assert torch.equal(got, want)
+
+
+def test_every_part_exports_and_matches_pytorch_at_two_shapes(tmp_path):
+    model = tiny()
+    spec = cogvideox.dims(model, max_frames=4, max_grid=8)
+    all_parts = cogvideox.parts(model)
+    for part in (all_parts[0], all_parts[1], all_parts[-1]):
+        path = tmp_path / f"{part.name}.onnx"
+        export_part(part, spec, path, torch.Generator().manual_seed(0))
+        for r in validate_part(part, path, spec, torch.Generator().manual_seed(1)):
+            for name, err in r["max_rel_error"].items():
+                assert err < 1e-4, (part.name, name, r["dims"], err)
+
+
+def test_sincos_configurations_are_refused_with_a_reason():
+    with pytest.raises(NotImplementedError, match="rotary"):
+        cogvideox.parts(tiny(rotary=False))
