@@ -38,6 +38,16 @@ class PartSpec:
     outputs: list[IOSpec] = field(default_factory=list)
 
 
+def grid_dims(frames: tuple[int, int, int], grid_max: int, text_max: int, patch: tuple[int, int]) -> dict:
+    """Export symbol ranges of a (B, F, h, w) token grid model: ``frames`` = (min, opt, max) latent
+    frames, token grid 2..``grid_max`` (opt 4), caption 4..``text_max`` tokens, CFG batch 2 as
+    the opt batch; H and W (latent size) derive from the grid times the patch."""
+    return {"B": {"min": 1, "opt": 2, "max": 4}, "F": dict(zip(("min", "opt", "max"), frames)),
+            "h": {"min": 2, "opt": 4, "max": grid_max}, "w": {"min": 2, "opt": 4, "max": grid_max},
+            "T": {"min": 4, "opt": min(8, text_max), "max": text_max},
+            "H": {"of": "h", "times": patch[0]}, "W": {"of": "w", "times": patch[1]}}
+
+
 @dataclass
 class LoadedModel:
     transformer: object

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import IOSpec, PartSpec
+from .base import IOSpec, PartSpec, grid_dims
 
 
 def _tokens(x):  # (B, F, h, w, D) -> (B, F*h*w, D)
@@ -103,11 +103,7 @@ def parts(model) -> list[PartSpec]:
 
 def dims(model, max_frames: int = 13, max_grid: int = 16) -> dict:
     p = model.config.patch_size
-    text = model.config.max_text_seq_length
-    return {"B": {"min": 1, "opt": 2, "max": 4}, "F": {"min": 1, "opt": 2, "max": max_frames},
-            "h": {"min": 2, "opt": 4, "max": max_grid}, "w": {"min": 2, "opt": 4, "max": max_grid},
-            "T": {"min": 4, "opt": min(8, text), "max": text},
-            "H": {"of": "h", "times": p}, "W": {"of": "w", "times": p}}
+    return grid_dims((1, 2, max_frames), max_grid, model.config.max_text_seq_length, (p, p))
 
 
 def stacked(parts_: list[PartSpec], inputs: dict) -> torch.Tensor:

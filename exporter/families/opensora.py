@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import IOSpec, PartSpec
+from .base import IOSpec, PartSpec, grid_dims
 
 
 class OpenSoraStem(nn.Module):
@@ -93,11 +93,7 @@ def parts(model) -> list[PartSpec]:
 def dims(model, max_frames: int = 16, max_grid: int = 16, max_text: int | None = None) -> dict:
     """Symbol ranges for export (the CFG batch 2 is the opt batch)."""
     _, ph, pw = model.config.patch_size
-    text = max_text or model.config.model_max_length
-    return {"B": {"min": 1, "opt": 2, "max": 4}, "F": {"min": 2, "opt": 4, "max": max_frames},
-            "h": {"min": 2, "opt": 4, "max": max_grid}, "w": {"min": 2, "opt": 4, "max": max_grid},
-            "T": {"min": 4, "opt": min(8, text), "max": text},
-            "H": {"of": "h", "times": ph}, "W": {"of": "w", "times": pw}}
+    return grid_dims((2, 4, max_frames), max_grid, max_text or model.config.model_max_length, (ph, pw))
 
 
 def stacked(parts_: list[PartSpec], inputs: dict) -> torch.Tensor:
