@@ -498,16 +498,12 @@ def quality_row(sample: Sample, reference, prompt: str, seed: int, unit: str) ->
 
 def aggregate(rows: list[dict]) -> dict:
     """Means over prompts; PSNR over the prompts whose frames differ from the reference ("inf" if none)."""
-    n = len(rows)
-    finite = [r["psnr"] for r in rows if math.isfinite(r["psnr"])]
     return {
-        "prompts": n,
-        "psnr": statistics.fmean(finite) if finite else math.inf,
-        "identical_prompts": n - len(finite),
+        "prompts": len(rows),
+        "psnr": evaluate.mean_psnr([r["psnr"] for r in rows]),
+        "identical_prompts": sum(math.isinf(r["psnr"]) for r in rows),
         "ssim": statistics.fmean(r["ssim"] for r in rows),
-        "color_adherence": 100.0 * sum(r["color_ok"] for r in rows) / n,
-        "direction_adherence": 100.0 * sum(r["direction_ok"] for r in rows) / n,
-        "both_adherence": 100.0 * sum(r["color_ok"] and r["direction_ok"] for r in rows) / n,
+        **evaluate.adherence(rows),
         "skipped_share": statistics.fmean(r["skipped_share"] for r in rows),
         "uncond_skipped_calls": sum(r.get("uncond_skipped_calls", 0) for r in rows),
         "transformer_calls": sum(r.get("transformer_calls", 0) for r in rows),

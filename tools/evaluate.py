@@ -144,9 +144,20 @@ def policy_options(policies, overrides: dict) -> dict[str, dict]:
     return out
 
 
-def _mean_psnr(values: list[float]) -> float:
+def mean_psnr(values: list[float]) -> float:
+    """Mean over the finite values (identical frames have infinite PSNR); inf when all are."""
     finite = [v for v in values if math.isfinite(v)]
     return statistics.fmean(finite) if finite else math.inf
+
+
+def adherence(rows: list[dict]) -> dict:
+    """Colour, direction and both-right adherence in % over rows with ``color_ok`` / ``direction_ok``."""
+    n = len(rows)
+    return {
+        "color_adherence": 100.0 * sum(r["color_ok"] for r in rows) / n,
+        "direction_adherence": 100.0 * sum(r["direction_ok"] for r in rows) / n,
+        "both_adherence": 100.0 * sum(r["color_ok"] and r["direction_ok"] for r in rows) / n,
+    }
 
 
 def _aggregate(policy: str, rows: list[dict]) -> dict:
@@ -155,10 +166,8 @@ def _aggregate(policy: str, rows: list[dict]) -> dict:
     return {
         "policy": policy,
         "prompts": n,
-        "color_adherence": 100.0 * sum(r["color_ok"] for r in rows) / n,
-        "direction_adherence": 100.0 * sum(r["direction_ok"] for r in rows) / n,
-        "both_adherence": 100.0 * sum(r["color_ok"] and r["direction_ok"] for r in rows) / n,
-        "mean_psnr_vs_none": _mean_psnr([r["psnr_vs_none"] for r in rows]),
+        **adherence(rows),
+        "mean_psnr_vs_none": mean_psnr([r["psnr_vs_none"] for r in rows]),
         "identical_to_none": sum(math.isinf(r["psnr_vs_none"]) for r in rows),
         "mean_ssim_vs_none": statistics.fmean(r["ssim_vs_none"] for r in rows),
         "mean_skipped_share": statistics.fmean(r["skipped_share"] for r in rows),

@@ -7,8 +7,9 @@ Two stages, both deterministic for ``--seed``:
    the synthetic moving-shapes clips (``tools/synthetic.py``); its ``scaling_factor`` is set
    to 1/std of the latents, as diffusers' VAEs are.
 2. The transformer (diffusers' ``LatteTransformer3DModel``, the architecture class the
-   exporter supports) and a small T5 text encoder (byte-level ByT5 tokenizer: no vocabulary
-   file) learn to denoise those latents with the DDPM noise schedule the shipped
+   exporter supports) and a small T5 text encoder (a word-level tokenizer of the synthetic
+   domain's vocabulary built here, or ByT5's bytes with ``--tokenizer byte``: no downloaded
+   vocabulary either way) learn to denoise those latents with the DDPM noise schedule the shipped
    DDIM scheduler uses (v-prediction by default), with 10% of the prompts dropped to "" for
    classifier-free guidance.
 
@@ -65,7 +66,8 @@ def build_components(args):
     )
     tokenizer = word_tokenizer(synthetic.vocabulary()) if args.tokenizer == "word" else ByT5Tokenizer()
     text_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
         feed_forward_proj="gated-gelu", is_encoder_decoder=False,
     ))
     # Latte-1's scheduler settings (DDIM over the linear-beta DDPM schedule it was trained with).

@@ -2,8 +2,8 @@
 
 Layers carry two tensors: the video tokens (the Foresight probe) and the text tokens (cached
 and restored with them). The rotary position embedding, which CogVideoXPipeline computes
-outside the transformer, is a stem input passed on to every layer, laid out per token grid
-``(F, h, w, head_dim)`` so every shape is a product of the manifest's symbols.
+outside the transformer, is an input of every layer (computed by the runtime per shape), laid
+out per token grid ``(F, h, w, head_dim)`` so every shape is a product of the manifest's symbols.
 
 Not registered in ``get_family`` yet: the runtime has no CogVideoX pipeline (T5 with 226
 tokens, CogVideoXDDIM/DPM schedulers, ``AutoencoderKLCogVideoX``), so ``--model cogvideox`` would
