@@ -26,7 +26,12 @@ class BufferPool:
                                             dtype=getattr(torch, io["dtype"]) if io.get("fixed_dtype") else dtype)
                     for io in specs}
 
-        self.stem_in = alloc(manifest.stem["inputs"])
+        # Tensors the pipeline computes once per shape (e.g. rotary tables): layers bind them
+        # as "pipeline:<name>"; a stem input of the same name is the same buffer.
+        self.shape_in = alloc(manifest.flow.get("pipeline_inputs", []))
+        self.stem_in = alloc([io for io in manifest.stem["inputs"] if io["name"] not in self.shape_in])
+        self.stem_in.update({io["name"]: self.shape_in[io["name"]] for io in manifest.stem["inputs"]
+                             if io["name"] in self.shape_in})
         self.stem_out = alloc(manifest.stem["outputs"])
         self.head_out = alloc(manifest.head["outputs"])
         self.layer_sets = [(alloc(layer["outputs"]), alloc(layer["outputs"])) for layer in manifest.layers]
@@ -36,11 +41,9 @@ class BufferPool:
         # stats = [mse of every probe (L*P) | head output finite (1)]: one transfer per step.
         self.stats = torch.zeros(num_layers * num_probes + 1, device=self.device, dtype=torch.float32)
         self.bytes_copied = 0  # bytes moved between cached buffers by the runtime (stays 0: reuse binds)
-        self.bytes_allocated = sum(
-            t.numel() * t.element_size()
-            for group in (self.stem_in, self.stem_out, self.head_out, *[s for pair in self.layer_sets for s in pair])
-            for t in group.values()
-        )
+        unique = {id(t): t for group in (self.shape_in, self.stem_in, self.stem_out, self.head_out,
+                                         *[s for pair in self.layer_sets for s in pair]) for t in group.values()}
+        self.bytes_allocated = sum(t.numel() * t.element_size() for t in unique.values())
 
     def cached(self, layer: int) -> dict[str, torch.Tensor]:
         """Layer's latest computed outputs (the cache)."""

@@ -20,7 +20,7 @@ from .backends import make_backend
 from .buffers import BufferPool
 from .errors import NumericsError, ShapeError
 from .manifest import Manifest, load_manifest
-from .pipeline import PipelineParts
+from .pipeline import PipelineParts, make_pipeline
 
 
 @dataclass
@@ -47,10 +47,11 @@ class Runtime:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         manifest = load_manifest(path, verify_hashes=verify_hashes)
         engine = make_backend(backend, manifest, dev, **backend_kwargs)
-        return cls(manifest, engine, PipelineParts(manifest, dev), dev)
+        return cls(manifest, engine, make_pipeline(manifest, dev), dev)
 
     # ---------------------------------------------------------------- shapes
     def resolve_shape(self, frames: int | None, height: int | None, width: int | None) -> tuple[int, int, int]:
+        """Video frames, height and width (defaults filled in), checked against the built ranges."""
         shapes = self.manifest.data["shapes"]
         out = []
         for name, value in (("frames", frames), ("height", height), ("width", width)):
@@ -70,6 +71,7 @@ class Runtime:
                     f"pass {flag} {lo if lo >= spec['min'] else lo + step} or {lo + step}"
                 )
             out.append(value)
+        self.parts.latent_frames(out[0])  # frames the VAE cannot produce fail here, naming the nearest ones
         return tuple(out)
 
     def pool(self, dims: dict[str, int]) -> BufferPool:
@@ -109,21 +111,21 @@ class Runtime:
         cfg = guidance_scale > 1.0
 
         t0 = time.perf_counter()
-        prompt_embeds = self.parts.encode_prompt(prompt, negative_prompt, cfg)
+        cond = self.parts.encode_prompt(prompt, negative_prompt, cfg)
         text_seconds = time.perf_counter() - t0
+        dtype = next(iter(cond.values())).dtype
+        sampler = self.parts.sampler(steps, frames, height, width, seed, guidance_scale if cfg else None, dtype)
 
-        scheduler = self.parts.new_scheduler()
-        scheduler.set_timesteps(steps, device=self.device)
-        latents, generator = self.parts.initial_latents(scheduler, frames, height, width, seed, prompt_embeds.dtype)
-        step_kwargs = self.parts.step_kwargs(scheduler, generator)
-        learned_sigma = self.parts.uses_learned_sigma(scheduler)
-
-        batch = 2 if cfg else 1
         f = p["vae_scale_factor"] * p["patch_size"]
-        dims = self.manifest.bind_dims(B=batch, F=frames, h=height // f, w=width // f, T=prompt_embeds.shape[1])
+        text_tokens = self.parts.text_tokens(cond)
+        dims = self.manifest.bind_dims(B=2 if cfg else 1, F=self.parts.latent_frames(frames), h=height // f,
+                                       w=width // f, T=text_tokens)
         pool = self.pool(dims)
         pool.reset()
-        pool.stem_in["encoder_hidden_states"].copy_(prompt_embeds)
+        for name, value in cond.items():
+            pool.stem_in[name].copy_(value)
+        for name, value in self.parts.shape_inputs(dims).items():
+            pool.shape_in[name].copy_(value)
         controller = make_controller(config, self.num_layers, len(self.probes))
         calls_before = sum(self.backend.calls[layer["name"]] for layer in self.manifest.layers)
 
@@ -132,10 +134,9 @@ class Runtime:
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(scheduler.timesteps), desc="denoise", unit="step")
+            bar = tqdm(total=len(sampler.timesteps), desc="denoise", unit="step")
         with self.backend.denoise_context():
-            latents = self._denoise(scheduler, latents, pool, controller, guidance_scale if cfg else None,
-                                    learned_sigma, step_kwargs, bar)
+            latents = self._denoise(sampler, pool, controller, bar)
         if bar is not None:
             bar.close()
         if self.device.type == "cuda":
@@ -143,7 +144,7 @@ class Runtime:
         denoise_seconds = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        video = self.parts.decode(latents) if decode else None
+        video = self.parts.decode(latents, frames) if decode else None
         decode_seconds = time.perf_counter() - t0
 
         summary = controller.summary()
@@ -173,22 +174,15 @@ class Runtime:
         }
         return GenerationResult(frames=video, latents=latents, stats=stats, trace=stats["trace"])
 
-    def _denoise(self, scheduler, latents, pool, controller, guidance_scale, learned_sigma, step_kwargs, bar):
-        """The denoising loop (LattePipeline's, step for step); ``guidance_scale`` None = no CFG."""
-        cfg = guidance_scale is not None
-        for i, t in enumerate(scheduler.timesteps):
-            model_input = torch.cat([latents] * 2) if cfg else latents
-            model_input = scheduler.scale_model_input(model_input, t)
-            pool.stem_in["latents"].copy_(model_input)
-            pool.stem_in["timestep"].fill_(float(t))
+    def _denoise(self, sampler, pool, controller, bar):
+        """The denoising loop: the pipeline's sampler prepares each step's stem inputs and applies
+        guidance and the scheduler step; the controller's plan decides which layers run."""
+        latents = sampler.latents
+        for i in range(len(sampler.timesteps)):
+            sampler.fill(pool.stem_in, latents, i)
             plan = controller.plan(i)
             noise_pred = self._run_step(plan, pool, controller, i).float()  # guidance and scheduler in fp32
-            if cfg:
-                uncond, text = noise_pred.chunk(2)
-                noise_pred = uncond + guidance_scale * (text - uncond)
-            if not learned_sigma:
-                noise_pred = noise_pred.chunk(2, dim=1)[0]
-            latents = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            latents = sampler.step(noise_pred, i, latents)
             if bar is not None:
                 bar.set_postfix_str(f"layers {len(plan.computed)}/{self.num_layers}")
                 bar.update()
@@ -213,7 +207,9 @@ class Runtime:
 
     def _resolve(self, source: str, pool: BufferPool, state: dict) -> torch.Tensor:
         kind, name = source.split(":", 1)
-        return state[name] if kind == "state" else pool.stem_out[name]
+        if kind == "state":
+            return state[name]
+        return pool.shape_in[name] if kind == "pipeline" else pool.stem_out[name]
 
     def _run_step(self, plan, pool: BufferPool, controller, step: int) -> torch.Tensor:
         """Execute one planned step; returns the head's output (a buffer, valid until the next step)."""

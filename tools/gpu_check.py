@@ -72,7 +72,7 @@ def in_memory_runtime(components: dict, device, dtype, cuda_graphs: bool = False
     from runtime.backends import TorchBackend
     from runtime.engine import Runtime
     from runtime.manifest import Manifest
-    from runtime.pipeline import PipelineParts
+    from runtime.pipeline import make_pipeline
 
     family = get_family("latte")
     model = components["transformer"]
@@ -84,7 +84,7 @@ def in_memory_runtime(components: dict, device, dtype, cuda_graphs: bool = False
     manifest = Manifest(Path("."), describe(family, model, vae_config, dims, entries, name="in-memory",
                                             source="in-memory"))
     backend = TorchBackend(manifest, device, dtype=dtype, model=model, cuda_graphs=cuda_graphs)
-    return Runtime(manifest, backend, PipelineParts(manifest, torch.device(device), components), torch.device(device))
+    return Runtime(manifest, backend, make_pipeline(manifest, torch.device(device), components), torch.device(device))
 
 
 class PartTimer:
