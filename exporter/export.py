@@ -249,12 +249,14 @@ def describe(family, model, vae_config: dict, dims_spec: dict, entries: list[dic
 
     from runtime import __version__
 
-    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     foresight, pipeline_overrides = checkpoint_defaults(family, source)
     pipeline = family.pipeline(model, vae_config)
     pipeline.update(pipeline_overrides)
     pipeline.update({c: c for c in COMPONENTS})
-    px = vae_factor * model.config.patch_size
+    px = pipeline["vae_scale_factor"] * pipeline["patch_size"]
+    # Video frames: the latent frame range F through the VAE's temporal compression (1 + r (F - 1)).
+    ratio = pipeline.get("vae_scale_factor_temporal", 1)
+    frames = {k: 1 + ratio * (dims_spec["F"][k] - 1) for k in ("min", "opt", "max")}
     return {
         "schema_version": SCHEMA_VERSION,
         "format": "foresight-engines",
@@ -271,7 +273,7 @@ def describe(family, model, vae_config: dict, dims_spec: dict, entries: list[dic
         "dtype": "float32",
         "dims": dims_spec,
         "shapes": {
-            "frames": {"min": dims_spec["F"]["min"], "max": dims_spec["F"]["max"], "default": dims_spec["F"]["opt"]},
+            "frames": {"min": frames["min"], "max": frames["max"], "default": frames["opt"]},
             "height": {"min": dims_spec["h"]["min"] * px, "max": dims_spec["h"]["max"] * px,
                        "multiple_of": px, "default": dims_spec["h"]["opt"] * px},
             "width": {"min": dims_spec["w"]["min"] * px, "max": dims_spec["w"]["max"] * px,
@@ -280,7 +282,7 @@ def describe(family, model, vae_config: dict, dims_spec: dict, entries: list[dic
             "text_tokens": {"max": dims_spec["T"]["max"]},
         },
         "parts": {"stem": entries[0], "layers": entries[1:-1], "head": entries[-1]},
-        "flow": family.flow(),
+        "flow": family.flow(model),
         "pipeline": pipeline,
         "foresight_defaults": foresight,
     }

@@ -149,22 +149,20 @@ class TorchBackend(Backend):
         self._graphs: dict[tuple, object] = {}
         self._graph_pool = None
         self.io_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        import diffusers
-
         from exporter.families import get_family
 
+        family = get_family(manifest.data["model"]["family"])
         source = checkpoint or manifest.data["model"]["source"]["checkpoint"]
         if model is None:
-            cls = getattr(diffusers, manifest.data["model"]["transformer_class"])
             try:
-                model = cls.from_pretrained(source, subfolder="transformer")
+                model = family.load_transformer(source)
             except Exception as exc:  # noqa: BLE001
                 raise BackendError(
                     f"the torch backend needs the source checkpoint {source!r} recorded in the manifest, "
                     f"which could not be loaded ({exc}); pass the checkpoint folder with --checkpoint"
                 ) from exc
         model = model.eval().to(self.device, self.io_dtype)
-        parts = get_family(manifest.data["model"]["family"]).parts(model)
+        parts = family.parts(model)
         self.modules = {p.name: p.module for p in parts}
         self.output_names = {p.name: [o.name for o in p.outputs] for p in parts}
         missing = {p["name"] for p in manifest.all_parts} - self.modules.keys()

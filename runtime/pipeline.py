@@ -270,6 +270,23 @@ class CogVideoXPipelineParts(PipelineParts):
         f = self.config["vae_scale_factor"]
         return (1, latent_frames, self.config["latent_channels"], height // f, width // f)
 
+    def latent_frames(self, frames: int) -> int:
+        """CogVideoXPipeline's ``(frames - 1) // 4 + 1`` latent frames, for the frame counts its VAE
+        gives back: it keeps the first latent frame as one video frame only when the latent count is
+        odd (F odd -> 4F - 3 frames, F even -> 4F), so 8k + 1 and 8k frames (49, 48, ...)."""
+        ratio = self.config.get("vae_scale_factor_temporal", 4)
+        latent = (frames - 1) // ratio + 1
+        if self.decoded_frames(latent) != frames:
+            valid = {self.decoded_frames(n) for n in range(max(1, latent - 2), latent + 3)}
+            below, above = max(v for v in valid if v < frames), min(v for v in valid if v > frames)
+            raise ShapeError(f"frames={frames}: CogVideoX's VAE makes {self.decoded_frames(latent)} frames from the "
+                             f"{latent} latent frames it would take; pass --frames {below} or {above} (8k + 1 or 8k)")
+        return latent
+
+    def decoded_frames(self, latent_frames: int) -> int:
+        ratio = self.config.get("vae_scale_factor_temporal", 4)
+        return ratio * (latent_frames - 1) + 1 if latent_frames % 2 else ratio * latent_frames
+
     @torch.no_grad()
     def encode_prompt(self, prompt: str, negative_prompt: str, guidance: bool) -> dict[str, torch.Tensor]:
         """``{"encoder_hidden_states": (2 or 1, 226, C)}``: padded to the full length and encoded

@@ -13,9 +13,9 @@ from runtime.errors import ModelError
 
 def get_family(name: str):
     """Return the family object for ``name`` (e.g. ``"latte"``)."""
-    from . import latte_family
+    from . import cogvideox, latte_family
 
-    families = {"latte": latte_family.LatteFamily}
+    families = {"latte": latte_family.LatteFamily, "cogvideox": cogvideox.CogVideoXFamily}
     try:
         return families[name]()
     except KeyError:
@@ -25,4 +25,4 @@ def get_family(name: str):
         ) from None
 
 
-FAMILIES = ("latte",)
+FAMILIES = ("latte", "cogvideox")

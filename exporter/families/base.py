@@ -86,7 +86,7 @@ def load_components(family, model_path: str, transformer_cls) -> LoadedModel:
             what = ", ".join(([] if index.is_file() else ["model_index.json"]) + [c + "/" for c in missing])
             raise ModelError(
                 f"{model_path} is not a complete diffusers {family.pipeline_class} checkpoint: missing {what}. "
-                f"Download the full pipeline folder (e.g. huggingface-cli download maxin-cn/Latte-1 --local-dir DIR)"
+                f"Download the full pipeline folder (e.g. huggingface-cli download {family.hub_example} --local-dir DIR)"
             )
     try:
         import json

@@ -1,23 +1,29 @@
 """CogVideoX (diffusers ``CogVideoXTransformer3DModel``) cut into exportable parts.
 
 Layers carry two tensors: the video tokens (the Foresight probe) and the text tokens (cached
-and restored with them). The rotary position embedding, which CogVideoXPipeline computes
-outside the transformer, is an input of every layer (computed by the runtime per shape), laid
-out per token grid ``(F, h, w, head_dim)`` so every shape is a product of the manifest's symbols.
+and restored with them). Position information that depends on the shape is computed by the
+runtime's pipeline once per shape and bound as an input, laid out per token grid so every
+shape is a product of the manifest's symbols:
 
-Not registered in ``get_family`` yet: the runtime has no CogVideoX pipeline (T5 with 226
-tokens, CogVideoXDDIM/DPM schedulers, ``AutoencoderKLCogVideoX``), so ``--model cogvideox`` would
-export engines nothing can run. Only rotary-embedding configurations (CogVideoX-5B) are split
-here: the 2B's sincos table is chosen inside diffusers' patch embedding by comparing the input
-size with the training size, which an export with dynamic sizes cannot keep.
+- rotary configurations (CogVideoX-5B): cos/sin tables ``(F, h, w, head_dim)``, an input of
+  every layer, as CogVideoXPipeline computes them outside the transformer;
+- sin-cos configurations (CogVideoX-2B): the 3D table ``(F, h, w, D)``, an input of the stem.
+  diffusers' patch embedding picks between a table precomputed at the training size and one
+  computed for the input size; both come from the same function, which the pipeline calls.
+
+CogVideoX 1.5 (temporal patches) and learned position tables (5B-I2V, fixed size) are refused.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from .base import IOSpec, PartSpec, grid_dims
+from runtime.errors import ModelError
+
+from .base import IOSpec, PartSpec, grid_dims, load_components
 
 
 def _tokens(x):  # (B, F, h, w, D) -> (B, F*h*w, D)
@@ -29,32 +35,39 @@ def _grid(x, like):  # (B, F*h*w, D) -> like's (B, F, h, w, D)
 
 
 class CogVideoXStem(nn.Module):
-    """Timestep embedding, text projection and patch embedding (text and video tokens apart)."""
+    """Timestep embedding, text projection and patch embedding (text and video tokens apart);
+    with ``pos_embedding`` (sin-cos configurations) the table is added to the video tokens."""
 
     def __init__(self, model):
         super().__init__()
         self.time_proj, self.time_embedding = model.time_proj, model.time_embedding
-        self.patch_embed = model.patch_embed
+        self.text_proj, self.proj = model.patch_embed.text_proj, model.patch_embed.proj
         self.patch_size = model.config.patch_size
 
-    def forward(self, latents, timestep, encoder_hidden_states):
-        b, f, _, hh, ww = latents.shape
+    def forward(self, latents, timestep, encoder_hidden_states, pos_embedding=None):
+        b, f, c, hh, ww = latents.shape
         emb = self.time_embedding(self.time_proj(timestep).to(latents.dtype))
-        tokens = self.patch_embed(encoder_hidden_states, latents)  # (B, T + F*h*w, D)
-        t = encoder_hidden_states.shape[1]
-        text, video = tokens[:, :t], tokens[:, t:]
-        return video.reshape(b, f, hh // self.patch_size, ww // self.patch_size, video.shape[-1]), text, emb
+        text = self.text_proj(encoder_hidden_states)  # (B, T, D)
+        video = self.proj(latents.reshape(b * f, c, hh, ww))  # (B*F, D, h, w)
+        video = video.reshape(b, f, video.shape[1], video.shape[2], video.shape[3]).permute(0, 1, 3, 4, 2)
+        if pos_embedding is not None:
+            # diffusers adds a joint table whose text rows are zero: text + 0 is text, exactly.
+            video = video + pos_embedding.to(video.dtype)
+        return video, text, emb  # video (B, F, h, w, D)
 
 
 class CogVideoXLayer(nn.Module):
-    """One ``CogVideoXBlock``: ``(hidden, text)`` in, ``(hidden_out, text_out)`` out."""
+    """One ``CogVideoXBlock``: ``(hidden, text)`` in, ``(hidden_out, text_out)`` out; the rotary
+    tables are inputs in rotary configurations only."""
 
     def __init__(self, model, index: int):
         super().__init__()
         self.block = model.transformer_blocks[index]
 
-    def forward(self, hidden, text, temb, rotary_cos, rotary_sin):
-        rotary = (rotary_cos.flatten(0, 2), rotary_sin.flatten(0, 2))  # (F*h*w, head_dim)
+    def forward(self, hidden, text, temb, rotary_cos=None, rotary_sin=None):
+        rotary = None
+        if rotary_cos is not None:
+            rotary = (rotary_cos.flatten(0, 2), rotary_sin.flatten(0, 2))  # (F*h*w, head_dim)
         video, text = self.block(hidden_states=_tokens(hidden), encoder_hidden_states=text, temb=temb,
                                  image_rotary_emb=rotary)
         return _grid(video, hidden), text
@@ -76,29 +89,48 @@ class CogVideoXHead(nn.Module):
         return x.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
 
 
+def check_supported(cfg) -> None:
+    if cfg.patch_size_t is not None:
+        raise NotImplementedError("CogVideoX 1.5 (patch_size_t) is not supported yet: only CogVideoX 1.0 (2B, 5B)")
+    if cfg.use_learned_positional_embeddings:
+        raise NotImplementedError("learned position tables (CogVideoX-5B-I2V) are not supported: only text-to-video "
+                                  "configurations (2B sin-cos, 5B rotary)")
+
+
 def parts(model) -> list[PartSpec]:
     cfg = model.config
-    if not cfg.use_rotary_positional_embeddings or cfg.patch_size_t is not None:
-        raise NotImplementedError("only CogVideoX 1.0 configurations with rotary embeddings (5B) are split so far")
+    check_supported(cfg)
+    rotary_config = cfg.use_rotary_positional_embeddings
     d = cfg.num_attention_heads * cfg.attention_head_dim
     e, c_in, c_out = cfg.time_embed_dim, cfg.in_channels, cfg.out_channels
     hidden, text = ["B", "F", "h", "w", d], ["B", "T", d]
-    rotary = [IOSpec("rotary_cos", ["F", "h", "w", cfg.attention_head_dim]),
-              IOSpec("rotary_sin", ["F", "h", "w", cfg.attention_head_dim])]
-    stem = PartSpec(
-        "stem", CogVideoXStem(model),
-        inputs=[IOSpec("latents", ["B", "F", c_in, "H", "W"]),
-                IOSpec("timestep", ["B"], low=0.0, high=1000.0, fixed_dtype=True),
-                IOSpec("encoder_hidden_states", ["B", "T", cfg.text_embed_dim])],
-        outputs=[IOSpec("hidden", hidden), IOSpec("text", text), IOSpec("temb", ["B", e])],
-    )
+    shape_inputs = pipeline_inputs(model)
+    stem_inputs = [IOSpec("latents", ["B", "F", c_in, "H", "W"]),
+                   IOSpec("timestep", ["B"], low=0.0, high=1000.0, fixed_dtype=True),
+                   IOSpec("encoder_hidden_states", ["B", "T", cfg.text_embed_dim])]
+    stem = PartSpec("stem", CogVideoXStem(model), inputs=stem_inputs + ([] if rotary_config else shape_inputs),
+                    outputs=[IOSpec("hidden", hidden), IOSpec("text", text), IOSpec("temb", ["B", e])])
     layers = [PartSpec(f"layer_{i:03d}", CogVideoXLayer(model, i),
-                       inputs=[IOSpec("hidden", hidden), IOSpec("text", text), IOSpec("temb", ["B", e]), *rotary],
+                       inputs=[IOSpec("hidden", hidden), IOSpec("text", text), IOSpec("temb", ["B", e]),
+                               *(shape_inputs if rotary_config else [])],
                        outputs=[IOSpec("hidden_out", hidden), IOSpec("text_out", text)])
               for i in range(cfg.num_layers)]
     head = PartSpec("head", CogVideoXHead(model), inputs=[IOSpec("hidden", hidden), IOSpec("temb", ["B", e])],
                     outputs=[IOSpec("noise_pred", ["B", "F", c_out, "H", "W"])])
     return [stem, *layers, head]
+
+
+def pipeline_inputs(model) -> list[IOSpec]:
+    """What the runtime's pipeline computes per shape: rotary tables or the sin-cos table."""
+    cfg = model.config
+    if cfg.use_rotary_positional_embeddings:
+        return [IOSpec("rotary_cos", ["F", "h", "w", cfg.attention_head_dim]),
+                IOSpec("rotary_sin", ["F", "h", "w", cfg.attention_head_dim])]
+    return [IOSpec("pos_embedding", ["F", "h", "w", cfg.num_attention_heads * cfg.attention_head_dim])]
+
+
+def latent_frames(frames: int, ratio: int = 4) -> int:
+    return (frames - 1) // ratio + 1
 
 
 def dims(model, max_frames: int = 13, max_grid: int = 16) -> dict:
@@ -110,7 +142,95 @@ def stacked(parts_: list[PartSpec], inputs: dict) -> torch.Tensor:
     """Run the parts in order with every layer computed (policy none)."""
     stem, *layers, head = parts_
     with torch.no_grad():
-        hidden, text, temb = stem.module(inputs["latents"], inputs["timestep"], inputs["encoder_hidden_states"])
+        hidden, text, temb = stem.module(*(inputs[s.name] for s in stem.inputs))
         for layer in layers:
-            hidden, text = layer.module(hidden, text, temb, inputs["rotary_cos"], inputs["rotary_sin"])
+            hidden, text = layer.module(hidden, text, temb, *(inputs[s.name] for s in layer.inputs[3:]))
         return head.module(hidden, temb)
+
+
+PRESETS = {"tiny": Path(__file__).resolve().parent.parent / "presets" / "cogvideox-tiny",
+           "tiny-5b": Path(__file__).resolve().parent.parent / "presets" / "cogvideox-tiny-5b"}
+
+
+class CogVideoXFamily:
+    """CogVideoX 1.0 text-to-video (2B sin-cos, 5B rotary) in the registry."""
+
+    name = "cogvideox"
+    pipeline_class = "CogVideoXPipeline"
+    transformer_class = "CogVideoXTransformer3DModel"
+    hub_example = "THUDM/CogVideoX-2b"
+    presets = PRESETS
+
+    def load(self, model_path: str):
+        from diffusers import CogVideoXTransformer3DModel
+
+        loaded = load_components(self, model_path, CogVideoXTransformer3DModel)
+        try:
+            check_supported(loaded.transformer.config)
+        except NotImplementedError as exc:
+            raise ModelError(f"{model_path}: {exc}") from None
+        return loaded
+
+    def load_transformer(self, source: str):
+        from diffusers import CogVideoXTransformer3DModel
+
+        return CogVideoXTransformer3DModel.from_pretrained(source, subfolder="transformer")
+
+    def parts(self, model) -> list[PartSpec]:
+        return parts(model)
+
+    def dims(self, model, vae_scale_factor: int, max_scale: int = 2) -> dict:
+        """The training size is the opt shape; up to ``max_scale`` times it, and at least the
+        13 latent frames (49 video frames) of the released models."""
+        cfg = model.config
+        p = cfg.patch_size
+        frames = latent_frames(cfg.sample_frames, cfg.temporal_compression_ratio)
+        spec = grid_dims((1, frames, max(13, frames)), 2, cfg.max_text_seq_length, (p, p))
+        for sym, size in (("h", cfg.sample_height), ("w", cfg.sample_width)):
+            spec[sym] = {"min": 2, "opt": size // p, "max": size // p * max_scale}
+        # CogVideoXPipeline always pads the prompt to max_text_seq_length tokens (the opt shape);
+        # shorter prompt embeddings stay possible for callers that bring their own.
+        spec["T"]["opt"] = cfg.max_text_seq_length
+        return spec
+
+    def flow(self, model) -> dict:
+        tables = pipeline_inputs(model)
+        per_layer = tables if model.config.use_rotary_positional_embeddings else []
+        return {
+            "pipeline_inputs": [s.to_dict() for s in tables],
+            "state_init": {"hidden": "hidden", "text": "text"},
+            "layer_inputs": {"hidden": "state:hidden", "text": "state:text", "temb": "stem:temb",
+                             **{s.name: f"pipeline:{s.name}" for s in per_layer}},
+            "layer_state_out": {"hidden": "hidden_out", "text": "text_out"},
+            "probes": ["hidden_out"],
+            "head_inputs": {"hidden": "state:hidden", "temb": "stem:temb"},
+            "head_output": "noise_pred",
+        }
+
+    def pipeline(self, model, vae_config: dict) -> dict:
+        cfg = model.config
+        return {
+            "type": "cogvideox",
+            "latent_channels": cfg.in_channels,
+            "patch_size": cfg.patch_size,
+            "vae_scale_factor": 2 ** (len(vae_config["block_out_channels"]) - 1),
+            "vae_scale_factor_temporal": vae_config.get("temporal_compression_ratio", 4),
+            "vae_scaling_factor": vae_config.get("scaling_factor", 1.15258426),
+            "max_text_length": cfg.max_text_seq_length,
+            "positional": "rotary" if cfg.use_rotary_positional_embeddings else "sincos",
+            "head_dim": cfg.attention_head_dim,
+            "hidden_size": cfg.num_attention_heads * cfg.attention_head_dim,
+            "base_grid": [cfg.sample_height // cfg.patch_size, cfg.sample_width // cfg.patch_size],
+            "spatial_interpolation_scale": cfg.spatial_interpolation_scale,
+            "temporal_interpolation_scale": cfg.temporal_interpolation_scale,
+            "use_dynamic_cfg": False,
+            "default_frames": cfg.sample_frames,
+            "default_steps": 50,
+            "default_guidance": 6.0,
+            "default_negative_prompt": "",
+            "fps": 8,
+        }
+
+    def foresight_defaults(self) -> dict:
+        # The reference implementation's evaluation settings; to be re-picked per model by sweep.
+        return {"warmup": 8, "recalculate": 2, "threshold": 0.5}

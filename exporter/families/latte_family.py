@@ -16,12 +16,18 @@ class LatteFamily:
     name = "latte"
     pipeline_class = "LattePipeline"
     transformer_class = "LatteTransformer3DModel"
+    hub_example = "maxin-cn/Latte-1"
     presets = PRESETS
 
     def load(self, model_path: str):
         from diffusers import LatteTransformer3DModel
 
         return load_components(self, model_path, LatteTransformer3DModel)
+
+    def load_transformer(self, source: str):
+        from diffusers import LatteTransformer3DModel
+
+        return LatteTransformer3DModel.from_pretrained(source, subfolder="transformer")
 
     def parts(self, model) -> list[PartSpec]:
         from .latte import LatteHead, LatteLayer, LatteStem
@@ -70,7 +76,7 @@ class LatteFamily:
             "W": {"of": "w", "times": p},
         }
 
-    def flow(self) -> dict:
+    def flow(self, model=None) -> dict:
         return {
             "state_init": {"hidden": "hidden"},
             "layer_inputs": {"hidden": "state:hidden", "temb": "stem:temb", "text": "stem:text"},

@@ -22,7 +22,6 @@ chunk a later frame does move earlier latents slightly; across chunks nothing le
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
@@ -88,7 +87,8 @@ class OpenSoraVAEConfig:
                             f"({len(mults) - 1}), got {self.temporal_downsample!r}")
         for name in ("shift", "scale"):
             if len(getattr(self, name)) != self.latent_channels:
-                problems.append(f"{name} needs latent_channels={self.latent_channels} values, got {getattr(self, name)!r}")
+                problems.append(f"{name} needs latent_channels={self.latent_channels} values, "
+                                f"got {getattr(self, name)!r}")
         if any(s == 0 for s in self.scale):
             problems.append(f"scale must be non-zero, got {self.scale!r}")
         if not self.spatial_scaling > 0:
@@ -210,7 +210,8 @@ class Decoder(nn.Module):
 
     def __init__(self, c: OpenSoraVAEConfig):
         super().__init__()
-        f, g, n, mults = c.temporal_filters, c.temporal_num_groups, c.temporal_num_res_blocks, c.temporal_channel_multipliers
+        f, g, n = c.temporal_filters, c.temporal_num_groups, c.temporal_num_res_blocks
+        mults = c.temporal_channel_multipliers
         self.time_strides = [2 if d else 1 for d in c.temporal_downsample]
         prev = f * mults[-1]
         self.conv1 = CausalConv3d(c.latent_channels, prev, 3)

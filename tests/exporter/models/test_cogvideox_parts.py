@@ -21,7 +21,7 @@ def tiny(rotary: bool = True):
         max_text_seq_length=8, use_rotary_positional_embeddings=rotary).eval()
 
 
-def test_stacked_parts_equal_the_diffusers_model():
+def test_stacked_parts_equal_the_diffusers_model_with_rotary_tables():
     model = tiny()
     parts = cogvideox.parts(model)
     assert [p.name for p in parts] == ["stem", "layer_000", "layer_001", "head"]
@@ -38,8 +38,32 @@ def test_stacked_parts_equal_the_diffusers_model():
     assert torch.equal(got, want)
 
 
-def test_every_part_exports_and_matches_pytorch_at_two_shapes(tmp_path):
-    model = tiny()
+@pytest.mark.parametrize("size", [(16, 16, 3), (12, 20, 2)], ids=["training size", "other size"])
+def test_stacked_parts_equal_the_diffusers_model_with_the_sincos_table(size):
+    """At the training size diffusers adds its precomputed buffer, elsewhere a table it computes:
+    the table the pipeline passes in equals both."""
+    from diffusers.models.embeddings import get_3d_sincos_pos_embed
+
+    model = tiny(rotary=False)
+    parts = cogvideox.parts(model)
+    assert [s.name for s in parts[0].inputs][-1] == "pos_embedding" and len(parts[1].inputs) == 3
+    H, W, F = size
+    g = torch.Generator().manual_seed(4)
+    inputs = {"latents": torch.randn(2, F, 4, H, W, generator=g), "timestep": torch.tensor([999.0, 10.0]),
+              "encoder_hidden_states": torch.randn(2, 8, 24, generator=g)}
+    cfg = model.config
+    pos = get_3d_sincos_pos_embed(32, (W // 2, H // 2), F, cfg.spatial_interpolation_scale,
+                                  cfg.temporal_interpolation_scale, output_type="pt")
+    inputs["pos_embedding"] = pos.reshape(F, H // 2, W // 2, 32)
+    got = cogvideox.stacked(parts, inputs)
+    with torch.no_grad():
+        want = model(inputs["latents"], inputs["encoder_hidden_states"], inputs["timestep"], return_dict=False)[0]
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("rotary", [True, False], ids=["rotary", "sincos"])
+def test_every_part_exports_and_matches_pytorch_at_two_shapes(tmp_path, rotary):
+    model = tiny(rotary)
     spec = cogvideox.dims(model, max_frames=4, max_grid=8)
     all_parts = cogvideox.parts(model)
     for part in (all_parts[0], all_parts[1], all_parts[-1]):
@@ -50,6 +74,13 @@ def test_every_part_exports_and_matches_pytorch_at_two_shapes(tmp_path):
                 assert err < 1e-4, (part.name, name, r["dims"], err)
 
 
-def test_sincos_configurations_are_refused_with_a_reason():
-    with pytest.raises(NotImplementedError, match="rotary"):
-        cogvideox.parts(tiny(rotary=False))
+def test_unsupported_configurations_are_refused_with_a_reason():
+    from diffusers import CogVideoXTransformer3DModel
+
+    model = CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                        time_embed_dim=32, text_embed_dim=24, num_layers=1, sample_width=16,
+                                        sample_height=16, sample_frames=9, max_text_seq_length=8,
+                                        use_rotary_positional_embeddings=True,
+                                        use_learned_positional_embeddings=True)
+    with pytest.raises(NotImplementedError, match="I2V"):
+        cogvideox.parts(model)

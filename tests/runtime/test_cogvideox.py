@@ -1,0 +1,115 @@
+"""CogVideoX end to end: the shipped tiny checkpoints (2B-style sin-cos + CogVideoXDDIM, 5B-style
+rotary + CogVideoXDPM) export, and the runtime with policy none reproduces diffusers'
+CogVideoXPipeline for the same prompt and seed — bit for bit on the torch backend, at the
+training size and at another size (where the position tables are recomputed); reuse restores
+both carried tensors (video and text tokens) from the cache.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.runtime.test_engine import Spy, run_scripted
+
+PROMPT = "a red square moving left on a black background"
+STEPS = 6
+
+
+@pytest.fixture(scope="module", params=["tiny", "tiny-5b"])
+def exported(request, tmp_path_factory):
+    from exporter.export import ExportOptions, export
+    from exporter.families import get_family
+
+    out = tmp_path_factory.mktemp("engines") / f"cogvideox-{request.param}"
+    export(ExportOptions(model="cogvideox", preset=request.param, out=out), progress=False)
+    return get_family("cogvideox").presets[request.param], out
+
+
+@pytest.fixture(scope="module")
+def runtimes(exported):
+    from runtime import Runtime
+
+    _, engines = exported
+    return {b: Runtime.load(engines, backend=b, device="cpu") for b in ("torch", "onnxruntime")}
+
+
+def reference(preset, frames, height, width, guidance=6.0, seed=0):
+    from diffusers import CogVideoXPipeline
+
+    pipe = CogVideoXPipeline.from_pretrained(preset)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(num_inference_steps=STEPS, num_frames=frames, height=height, width=width, guidance_scale=guidance,
+                  max_sequence_length=pipe.transformer.config.max_text_seq_length)
+    latents = pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(seed), output_type="latent", **kwargs).frames
+    video = pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).frames[0]
+    return latents, (video * 255).round().astype(np.uint8)
+
+
+@pytest.mark.parametrize("size", [(9, 64, 64), (8, 48, 80)], ids=["training size", "other size"])
+def test_torch_backend_is_bit_identical_to_the_cogvideox_pipeline(exported, runtimes, size):
+    preset, _ = exported
+    frames, height, width = size
+    latents, video = reference(preset, frames, height, width)
+    result = runtimes["torch"].generate(PROMPT, num_frames=frames, height=height, width=width,
+                                        num_inference_steps=STEPS, seed=0, policy="none")
+    assert result.latents.shape == latents.shape == (1, (frames - 1) // 4 + 1, 4, height // 8, width // 8)
+    assert torch.equal(result.latents, latents)
+    assert result.frames.shape == (frames, height, width, 3)
+    assert np.array_equal(result.frames, video)
+
+
+def test_onnxruntime_backend_matches_the_cogvideox_pipeline(exported, runtimes):
+    preset, _ = exported
+    latents, video = reference(preset, 9, 64, 64)
+    result = runtimes["onnxruntime"].generate(PROMPT, num_inference_steps=STEPS, seed=0, policy="none")
+    rel = float((result.latents - latents).abs().max() / latents.abs().max())
+    assert rel < 1e-4
+    assert np.abs(result.frames.astype(int) - video.astype(int)).max() <= 1
+
+
+def test_without_guidance_the_batch_is_one(exported, runtimes):
+    preset, _ = exported
+    latents, _ = reference(preset, 9, 64, 64, guidance=1.0)
+    result = runtimes["torch"].generate(PROMPT, num_inference_steps=STEPS, guidance_scale=1.0, seed=0,
+                                        policy="none", decode=False)
+    assert torch.equal(result.latents, latents)
+
+
+def test_reuse_restores_video_and_text_tokens_from_the_cache(monkeypatch, runtimes):
+    rt = runtimes["onnxruntime"]
+    L = rt.num_layers
+    script = [(0, None, False, True), (0, None, True, True), (2, (1, 1), True, True), (L, (L - 1, 1), False, False)]
+    result, spy = run_scripted(monkeypatch, rt, script)
+    layers = [r for r in spy.records if r["part"].startswith("layer")]
+    # Step 2 starts at layer 2 from layer 1's outputs of step 1: both carried tensors are those buffers.
+    step1 = next(r for r in layers if r["step"] == 1 and r["part"] == "layer_001")
+    step2 = next(r for r in layers if r["step"] == 2)
+    assert step2["part"] == "layer_002"
+    assert step2["in_ptr"]["hidden"] == step1["out_ptr"]["hidden_out"]
+    assert step2["in_ptr"]["text"] == step1["out_ptr"]["text_out"]
+    # Step 3 reuses everything: the head reads the last layer's cached video tokens.
+    head3 = next(r for r in spy.records if r["step"] == 3 and r["part"] == "head")
+    last = [r for r in layers if r["part"] == f"layer_{L - 1:03d}"][-1]
+    assert head3["in_ptr"]["hidden"] == last["out_ptr"]["hidden_out"]
+    assert result.stats["layer_calls_skipped"] == 2 + L and result.stats["bytes_copied"] == 0
+
+
+def test_foresight_skips_layers_and_stays_close_to_full_compute(runtimes):
+    rt = runtimes["onnxruntime"]
+    full = rt.generate(PROMPT, num_inference_steps=12, seed=0, policy="none", decode=False)
+    fast = rt.generate(PROMPT, num_inference_steps=12, seed=0, policy="foresight", warmup=4, recalculate=4,
+                       threshold=4.0, decode=False)
+    assert fast.stats["layer_calls_skipped"] > 0
+    assert fast.stats["layer_engine_calls"] == fast.stats["layer_calls"] < full.stats["layer_calls"]
+    assert not torch.equal(fast.latents, full.latents)
+    assert torch.isfinite(fast.latents).all()
+
+
+@pytest.mark.parametrize("frames, valid", [(5, "1 or 8"), (10, "9 or 16"), (12, "9 or 16")])
+def test_frames_the_vae_cannot_make_are_refused_naming_valid_ones(runtimes, frames, valid):
+    from runtime.errors import ShapeError
+
+    with pytest.raises(ShapeError, match=f"--frames {valid}"):
+        runtimes["onnxruntime"].generate(PROMPT, num_frames=frames, num_inference_steps=2, decode=False)
