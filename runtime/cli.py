@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch and tensorrt backends on CUDA: capture each part once per buffer set and replay it")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                     help="torch backend compute dtype (engines keep the precision they were exported in)")
+    ap.add_argument("--vae-tiling", action="store_true",
+                    help="decode in spatial tiles (diffusers' enable_tiling): bounded memory for large or long videos")
     ap.add_argument("--stats", type=Path, default=None, help="write stats and the decision trace as JSON")
     ap.add_argument("--heatmap", type=Path, default=None, help="write a PNG of computed vs reused layers per step")
     ap.add_argument("--save-frames", type=Path, default=None, help="also save the uint8 frames as .npy")
@@ -87,6 +89,8 @@ def run(args) -> dict:
     kwargs = {k: v for k, v in (("checkpoint", args.checkpoint), ("dtype", args.dtype),
                                 ("cuda_graphs", args.cuda_graphs)) if v}
     runtime = Runtime.load(args.engines, backend=args.backend, device=args.device, **kwargs)
+    if args.vae_tiling:
+        runtime.parts.enable_vae_tiling()
     result = runtime.generate(
         args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height,
         width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,

@@ -145,6 +145,12 @@ class Runtime:
 
         t0 = time.perf_counter()
         video = self.parts.decode(latents, frames) if decode else None
+        if video is not None and video.shape[:3] != (frames, height, width):
+            raise ShapeError(
+                f"the VAE decoded {video.shape[0]} frames of {video.shape[1]}x{video.shape[2]} instead of "
+                f"{frames} of {height}x{width}" + (": VAE tiling with tiles this size does not reproduce the frame "
+                                                   "size; run without --vae-tiling" if self.parts.vae_tiling else "")
+            )
         decode_seconds = time.perf_counter() - t0
 
         summary = controller.summary()

@@ -53,6 +53,7 @@ class PipelineParts:
     already built, ``components``: tokenizer, text_encoder, vae, scheduler)."""
 
     type = "base"
+    vae_tiling = False
 
     def __init__(self, manifest: Manifest, device: torch.device, components: dict | None = None):
         import transformers
@@ -91,6 +92,7 @@ class PipelineParts:
         """Decode in overlapping spatial tiles (and the VAE's own frame batches): bounded memory
         for long or large videos, at a small cost in seams (diffusers' ``enable_tiling``)."""
         self.vae.enable_tiling()
+        self.vae_tiling = True
 
     # ------------------------------------------------------------ shapes
     def latent_frames(self, frames: int) -> int:

@@ -1,4 +1,4 @@
-"""Denoising-loop benchmark: diffusers' ``LattePipeline`` against this runtime, side by side.
+"""Denoising-loop benchmark: the diffusers pipeline (Latte, CogVideoX) against this runtime, side by side.
 
     python tools/benchmark.py --steps 50 --repeats 3 --json /tmp/bench.json
 
@@ -14,7 +14,7 @@ the first step to just after the last (per step: scale_model_input, the transfor
 engine calls, guidance, scheduler.step; for the runtime also its controller and buffer
 copies). Text encoding, timestep and latent setup and the VAE decode are outside it.
 - Runtime: ``stats["denoise_seconds"]``, measured by ``Runtime.generate`` itself.
-- Diffusers: ``LattePipeline.__call__`` wraps exactly its denoising loop in
+- Diffusers: ``LattePipeline.__call__`` (and ``CogVideoXPipeline.__call__``) wraps exactly its denoising loop in
   ``with self.progress_bar(total=...)``. The harness gives the pipeline a ``progress_bar``
   that stamps ``perf_counter`` on entering and leaving that block (tqdm disabled). Chosen
   over "pipeline total minus a separately timed ``encode_prompt``", which would also count
@@ -67,7 +67,7 @@ BASELINE = "diffusers"
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="benchmark",
-        description="Median denoising seconds of diffusers' LattePipeline and of the runtime (backends x policies), "
+        description="Median denoising seconds of the diffusers pipeline (Latte, CogVideoX) and of the runtime (backends x policies), "
         "interleaved in one process, with speedup, share of layers skipped and PSNR.",
     )
     ap.add_argument("--engines", type=Path, default=DEFAULT_ENGINES,
@@ -178,8 +178,26 @@ def warn_if_busy(machine: dict) -> None:
 
 
 # ------------------------------------------------------------------ runners
+def baseline_kwargs(manifest) -> tuple[str, dict]:
+    """The reference pipeline class and the call arguments that match the runtime's defaults."""
+    p, shapes = manifest.pipeline, manifest.data["shapes"]
+    size = dict(height=shapes["height"]["default"], width=shapes["width"]["default"],
+                negative_prompt=p["default_negative_prompt"], guidance_scale=p["default_guidance"])
+    family = manifest.data["model"]["family"]
+    if family == "latte":
+        return "LattePipeline", dict(size, video_length=shapes["frames"]["default"], clean_caption=False,
+                                     mask_feature=p.get("mask_text", True),
+                                     decode_chunk_size=p.get("decode_chunk_size", 14))
+    if family == "cogvideox":
+        return "CogVideoXPipeline", dict(size, num_frames=shapes["frames"]["default"],
+                                         max_sequence_length=p["max_text_length"],
+                                         use_dynamic_cfg=p.get("use_dynamic_cfg", False))
+    raise ManifestError(f"the benchmark has no diffusers baseline for {family!r} models")
+
+
 class DiffusersRunner:
-    """``LattePipeline`` eager, called with the inputs the runtime derives from the manifest."""
+    """The diffusers pipeline (``LattePipeline``, ``CogVideoXPipeline``) eager, called with the
+    inputs the runtime derives from the manifest."""
 
     def __init__(self, checkpoint: str, manifest, device: str):
         import diffusers
@@ -190,26 +208,20 @@ class DiffusersRunner:
         diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components" would interleave with ours
         self.torch = torch
         self.device = torch.device(device)
+        self.pipeline_class, self.call_kwargs = baseline_kwargs(manifest)
         try:
-            self.pipe = diffusers.LattePipeline.from_pretrained(checkpoint).to(self.device)
+            self.pipe = getattr(diffusers, self.pipeline_class).from_pretrained(checkpoint).to(self.device)
         except Exception as exc:  # noqa: BLE001
             raise ManifestError(
                 f"diffusers could not load the checkpoint {checkpoint!r} ({exc}); pass its folder with --checkpoint"
             ) from exc
         self.pipe.set_progress_bar_config(disable=True)
-        p, shapes = manifest.pipeline, manifest.data["shapes"]
-        self.call_kwargs = dict(
-            negative_prompt=p["default_negative_prompt"], guidance_scale=p["default_guidance"],
-            video_length=shapes["frames"]["default"], height=shapes["height"]["default"],
-            width=shapes["width"]["default"], clean_caption=False, mask_feature=p.get("mask_text", True),
-            decode_chunk_size=p.get("decode_chunk_size", 14),
-        )
         self._window: list[float] = []
         original = self.pipe.progress_bar
 
         @contextlib.contextmanager
         def timed_progress_bar(*args, **kwargs):
-            # LattePipeline opens this around its denoising loop and nothing else.
+            # LattePipeline and CogVideoXPipeline open this around their denoising loop and nothing else.
             with original(*args, **kwargs) as bar:
                 self._sync()
                 self._window.append(time.perf_counter())
@@ -233,7 +245,7 @@ class DiffusersRunner:
         ).frames
         if len(self._window) != 2:
             raise RuntimeError(
-                f"LattePipeline opened its progress bar {len(self._window) // 2} times in one call (expected once, "
+                f"{self.pipeline_class} opened its progress bar {len(self._window) // 2} times in one call (expected once, "
                 "around the denoising loop): this diffusers version needs a new timing hook in tools/benchmark.py"
             )
         seconds = self._window[1] - self._window[0]

@@ -22,7 +22,8 @@ chunk a later frame does move earlier latents slightly; across chunks nothing le
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Mapping
 
@@ -95,6 +96,17 @@ class OpenSoraVAEConfig:
             problems.append(f"spatial_scaling must be positive, got {self.spatial_scaling!r}")
         if problems:
             raise ValueError("invalid OpenSoraVAEConfig: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "OpenSoraVAEConfig":
+        """From a ``config.json``; keys that are not fields are ignored, so the hub's own
+        ``config.json`` (``vae_2d``, ``vae_temporal``, ``freeze_vae_2d``, ... next to
+        ``micro_frame_size``, ``shift``, ``scale``) gives the released config."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
     @property
     def time_factor(self) -> int:
@@ -376,15 +388,27 @@ class OpenSoraVAE(nn.Module):
 # --------------------------------------------------------------------------- loading
 
 
+def _read_config(path: Path) -> OpenSoraVAEConfig:
+    try:
+        d = json.loads(path.read_text())
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        return OpenSoraVAEConfig.from_dict(d)
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"{path} is not a valid Open-Sora VAE config ({exc}): fix it, or delete it to use the "
+                         f"release's config") from exc
+
+
 def load_opensora_vae(path_or_state_dict, config: OpenSoraVAEConfig | None = None, *,
                       dtype: torch.dtype | None = torch.float32) -> OpenSoraVAE:
     """Load OpenSoraVAE_V1_2 weights into a model in eval mode, on CPU.
 
     ``path_or_state_dict``: a state dict, a ``.safetensors``/``.pt``/``.bin`` file, or the hub
     folder (``model.safetensors``). A training wrapper (``{"state_dict": ...}``) and a
-    ``module.``/``model.`` prefix on every key are stripped. ``config``: default the
-    release's; a folder's ``config.json`` is not read (the release's builder overrides it
-    with these same constants). Every key must match, both ways, with its shape; otherwise
+    ``module.``/``model.`` prefix on every key are stripped. ``config``: default a folder's
+    ``config.json`` (:meth:`OpenSoraVAEConfig.from_dict`: the fields it names, the release's
+    values for the rest; the hub folder's own file gives the release's config), else the
+    release's. Every key must match, both ways, with its shape; otherwise
     :class:`CheckpointMismatchError` (a ``ValueError``) names them. ``dtype``: cast floating
     weights (None keeps the checkpoint's).
     """
@@ -393,6 +417,8 @@ def load_opensora_vae(path_or_state_dict, config: OpenSoraVAEConfig | None = Non
     else:
         path = Path(path_or_state_dict).expanduser()
         if path.is_dir():
+            if config is None and (path / "config.json").is_file():
+                config = _read_config(path / "config.json")
             found = [path / f for f in WEIGHT_FILES if (path / f).is_file()]
             if not found:
                 raise ModelError(f"{path} holds none of {', '.join(WEIGHT_FILES)}: pass the OpenSora-VAE-v1.2 folder")

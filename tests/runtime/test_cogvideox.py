@@ -113,3 +113,62 @@ def test_frames_the_vae_cannot_make_are_refused_naming_valid_ones(runtimes, fram
 
     with pytest.raises(ShapeError, match=f"--frames {valid}"):
         runtimes["onnxruntime"].generate(PROMPT, num_frames=frames, num_inference_steps=2, decode=False)
+
+
+def test_cli_exports_and_runs_cogvideox(tmp_path, capsys):
+    """foresight-export --model cogvideox --preset tiny, then foresight-run: a video, stats and heatmap."""
+    import imageio.v3 as iio
+
+    from exporter.cli import main as export_main
+    from runtime.cli import main as run_main
+
+    engines = tmp_path / "engines"
+    assert export_main(["--model", "cogvideox", "--preset", "tiny", "--out", str(engines)]) == 0
+    out, stats, npy = tmp_path / "out.mp4", tmp_path / "stats.json", tmp_path / "frames.npy"
+    code = run_main(["--engines", str(engines), "--prompt", PROMPT, "--out", str(out), "--steps", "8", "--frames", "8",
+                     "--stats", str(stats), "--heatmap", str(tmp_path / "reuse.png"), "--save-frames", str(npy),
+                     "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    assert iio.imread(out).shape == np.load(npy).shape == (8, 64, 64, 3)
+    import json
+
+    data = json.loads(stats.read_text())
+    assert data["frames"] == 8 and data["num_layers"] == 4 and (tmp_path / "reuse.png").is_file()
+    code = run_main(["--engines", str(engines), "--prompt", PROMPT, "--out", str(tmp_path / "bad.gif"),
+                     "--frames", "10"])
+    err = capsys.readouterr().err
+    assert code == 2 and "pass --frames 9 or 16" in err and "Traceback" not in err
+    assert not (tmp_path / "bad.gif").exists()
+    # diffusers' default tiles for a 64x64 VAE give 70x68 frames: refused, not written.
+    code = run_main(["--engines", str(engines), "--prompt", PROMPT, "--out", str(tmp_path / "tiled.mp4"),
+                     "--steps", "2", "--vae-tiling", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and "without --vae-tiling" in err and not (tmp_path / "tiled.mp4").exists()
+
+
+def test_vae_tiling_decodes_the_same_frame_count(exported, runtimes):
+    """Tiles smaller than the frame: the tiled decode is a video of the same shape, close to the untiled one."""
+    rt = runtimes["torch"]
+    plain = rt.generate(PROMPT, num_inference_steps=2, seed=0, policy="none")
+    rt.parts.vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32,
+                               tile_overlap_factor_height=0.25, tile_overlap_factor_width=0.25)
+    try:
+        tiled = rt.parts.decode(plain.latents, plain.frames.shape[0])
+    finally:
+        rt.parts.vae.disable_tiling()
+    assert tiled.shape == plain.frames.shape
+    assert not np.array_equal(tiled, plain.frames)  # the tiles really were used
+
+
+def test_incomplete_checkpoint_folder_names_what_is_missing(tmp_path, capsys):
+    import shutil
+
+    from exporter.cli import main as export_main
+    from exporter.families import get_family
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(get_family("cogvideox").presets["tiny"], folder)
+    shutil.rmtree(folder / "vae")
+    code = export_main(["--model", "cogvideox", "--model-path", str(folder), "--out", str(tmp_path / "e")])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing vae/" in err and "THUDM/CogVideoX-2b" in err
