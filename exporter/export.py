@@ -26,7 +26,7 @@ from runtime.errors import ForesightError
 from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, sha256_file
 
 from .families import get_family
-from .families.base import COMPONENTS, resolve_model_path
+from .families.base import COMPONENTS, model_config_dict, resolve_model_path
 
 FP32_TOLERANCE = 1e-4
 OPSET = 23
@@ -166,7 +166,8 @@ def checkpoint_defaults(family, source: str) -> tuple[dict, dict]:
 
     A checkpoint may ship ``defaults.json`` (written by ``tools/train.py``) with the
     Foresight parameters picked by a sweep for that model (``"foresight"``) and its own
-    ``"guidance_scale"`` / ``"num_inference_steps"``; otherwise the family's apply."""
+    ``"guidance_scale"`` / ``"num_inference_steps"`` / ``"num_frames"`` / ``"height"`` / ``"width"``;
+    otherwise the family's apply."""
     from foresight import make_config
 
     path = Path(source) / DEFAULTS_FILE
@@ -184,6 +185,9 @@ def checkpoint_defaults(family, source: str) -> tuple[dict, dict]:
             pipeline["default_guidance"] = float(values["guidance_scale"])
         if "num_inference_steps" in values:
             pipeline["default_steps"] = int(values["num_inference_steps"])
+        for key, name in (("num_frames", "default_frames"), ("height", "default_height"), ("width", "default_width")):
+            if key in values:
+                pipeline[name] = int(values[key])
     except (ValueError, KeyError, TypeError) as exc:
         raise ExportError(f"{path} is not a valid defaults file ({exc}): fix or delete it") from exc
     return foresight, pipeline
@@ -257,6 +261,8 @@ def describe(family, model, vae_config: dict, dims_spec: dict, entries: list[dic
     # Video frames: the latent frame range F through the VAE's temporal compression (1 + r (F - 1)).
     ratio = pipeline.get("vae_scale_factor_temporal", 1)
     frames = {k: 1 + ratio * (dims_spec["F"][k] - 1) for k in ("min", "opt", "max")}
+    if hasattr(family, "video_frames"):  # a VAE whose frame count is not 1 + r (F - 1)
+        frames = family.video_frames(dims_spec, pipeline)
     return {
         "schema_version": SCHEMA_VERSION,
         "format": "foresight-engines",
@@ -266,7 +272,7 @@ def describe(family, model, vae_config: dict, dims_spec: dict, entries: list[dic
         "model": {
             "family": family.name,
             "transformer_class": family.transformer_class,
-            "config": json.loads(json.dumps(dict(model.config), default=str)),
+            "config": model_config_dict(model),
             "source": {"checkpoint": source, "preset": preset},
         },
         "artifact": "onnx",
@@ -309,8 +315,10 @@ def export(opts: ExportOptions, progress=True) -> Path:
     loaded = family.load(model_path)
     model = loaded.transformer.float().eval()
     parts = family.parts(model)
-    vae_config = dict(loaded.components["vae"].config)
-    dims_spec = family.dims(model, 2 ** (len(vae_config["block_out_channels"]) - 1), opts.max_scale)
+    vae_config = family.vae_config(loaded)
+    pipeline = family.pipeline(model, vae_config)
+    pipeline.update(checkpoint_defaults(family, loaded.source)[1])
+    dims_spec = family.dims(model, pipeline["vae_scale_factor"], opts.max_scale, pipeline=pipeline)
     generator = torch.Generator().manual_seed(opts.seed)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -333,6 +341,8 @@ def export(opts: ExportOptions, progress=True) -> Path:
         save_components(loaded.components, tmp)
         manifest = describe(family, model, vae_config, dims_spec, entries, name=out.name,
                             source=loaded.source, preset=opts.preset)
+        if hasattr(family, "write_extras"):  # pipeline files that come from the transformer (Open-Sora's null caption)
+            manifest["pipeline"].update(family.write_extras(model, tmp))
         manifest["validation"] = {"tolerance": opts.tolerance, "reference": "torch eager fp32",
                                   "runner": "onnxruntime CPU"}
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)

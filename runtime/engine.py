@@ -215,6 +215,8 @@ class Runtime:
         kind, name = source.split(":", 1)
         if kind == "state":
             return state[name]
+        if kind == "input":  # a stem input the layers read too (Open-Sora's caption mask)
+            return pool.stem_in[name]
         return pool.shape_in[name] if kind == "pipeline" else pool.stem_out[name]
 
     def _run_step(self, plan, pool: BufferPool, controller, step: int) -> torch.Tensor:

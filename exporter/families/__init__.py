@@ -13,9 +13,10 @@ from runtime.errors import ModelError
 
 def get_family(name: str):
     """Return the family object for ``name`` (e.g. ``"latte"``)."""
-    from . import cogvideox, latte_family
+    from . import cogvideox, latte_family, opensora
 
-    families = {"latte": latte_family.LatteFamily, "cogvideox": cogvideox.CogVideoXFamily}
+    families = {"latte": latte_family.LatteFamily, "cogvideox": cogvideox.CogVideoXFamily,
+                "opensora": opensora.OpenSoraFamily}
     try:
         return families[name]()
     except KeyError:
@@ -25,4 +26,4 @@ def get_family(name: str):
         ) from None
 
 
-FAMILIES = ("latte", "cogvideox")
+FAMILIES = ("latte", "cogvideox", "opensora")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +51,38 @@ def grid_dims(frames: tuple[int, int, int], grid_max: int, text_max: int, patch:
             "H": {"of": "h", "times": patch[0]}, "W": {"of": "w", "times": patch[1]}}
 
 
+class FolderComponent:
+    """A pipeline component kept as the files of its checkpoint subfolder: exporting copies the
+    folder (hard links where the file system allows) instead of loading and re-saving it."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        config = self.folder / "config.json"
+        if not config.is_file():
+            config = self.folder / "scheduler_config.json"
+        self.config = json.loads(config.read_text()) if config.is_file() else {}
+
+    def save_pretrained(self, target) -> None:
+        def link_or_copy(src, dst):
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+
+        shutil.copytree(self.folder, target, copy_function=link_or_copy)
+
+
+def model_config_dict(model) -> dict:
+    """A transformer's config as plain JSON values (a diffusers FrozenDict or a config dataclass)."""
+    cfg = model.config
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return json.loads(json.dumps(cfg, default=str))
+
+
+def vae_config_of(loaded: "LoadedModel") -> dict:
+    return dict(loaded.components["vae"].config)
+
+
 @dataclass
 class LoadedModel:
     transformer: object
@@ -89,8 +124,6 @@ def load_components(family, model_path: str, transformer_cls) -> LoadedModel:
                 f"Download the full pipeline folder (e.g. huggingface-cli download {family.hub_example} --local-dir DIR)"
             )
     try:
-        import json
-
         if looks_local:
             model_index = json.loads((path / "model_index.json").read_text())
         else:

@@ -23,7 +23,7 @@ from torch import nn
 
 from runtime.errors import ModelError
 
-from .base import IOSpec, PartSpec, grid_dims, load_components
+from .base import IOSpec, PartSpec, grid_dims, load_components, vae_config_of
 
 
 def _tokens(x):  # (B, F, h, w, D) -> (B, F*h*w, D)
@@ -160,6 +160,7 @@ class CogVideoXFamily:
     transformer_class = "CogVideoXTransformer3DModel"
     hub_example = "THUDM/CogVideoX-2b"
     presets = PRESETS
+    vae_config = staticmethod(vae_config_of)
 
     def load(self, model_path: str):
         from diffusers import CogVideoXTransformer3DModel
@@ -179,7 +180,7 @@ class CogVideoXFamily:
     def parts(self, model) -> list[PartSpec]:
         return parts(model)
 
-    def dims(self, model, vae_scale_factor: int, max_scale: int = 2) -> dict:
+    def dims(self, model, vae_scale_factor: int, max_scale: int = 2, pipeline: dict | None = None) -> dict:
         """The training size is the opt shape; up to ``max_scale`` times it, and at least the
         13 latent frames (49 video frames) of the released models."""
         cfg = model.config

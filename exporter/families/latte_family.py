@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import IOSpec, PartSpec, load_components
+from .base import IOSpec, PartSpec, load_components, vae_config_of
 
 PRESETS = {"tiny": Path(__file__).resolve().parent.parent / "presets" / "latte-tiny"}
 
@@ -18,6 +18,7 @@ class LatteFamily:
     transformer_class = "LatteTransformer3DModel"
     hub_example = "maxin-cn/Latte-1"
     presets = PRESETS
+    vae_config = staticmethod(vae_config_of)
 
     def load(self, model_path: str):
         from diffusers import LatteTransformer3DModel
@@ -60,7 +61,7 @@ class LatteFamily:
         )
         return [stem, *layers, head]
 
-    def dims(self, model, vae_scale_factor: int, max_scale: int = 2) -> dict:
+    def dims(self, model, vae_scale_factor: int, max_scale: int = 2, pipeline: dict | None = None) -> dict:
         """Symbol ranges. Base symbols are free; H and W (latent size) derive from the token grid."""
         cfg = model.config
         p = cfg.patch_size

@@ -1,22 +1,37 @@
 """Open-Sora 1.2 (STDiT3) cut into exportable parts: stem, one part per layer (spatial block then
-temporal block, both outputs Foresight probes), head.
-
-Not registered in ``get_family`` yet: the runtime has no Open-Sora pipeline (T5 with the
-aesthetic-score suffix, the y_embedding null caption, the rectified-flow loop, the Open-Sora
-VAE), so ``--model opensora`` would export engines nothing can run. What is here is the split
-and its symbolic I/O, exported and validated against PyTorch at two shapes by the tests.
+temporal block, both outputs Foresight probes), head; and its entry in the registry.
 
 Layout between parts: ``(B, F, h, w, C)`` tokens, as Latte's, so the head reads the token grid
 from its input's shape. The caption mask travels as float (1 = valid token; > 0.5 is valid),
-the form every runtime buffer and backend already handles.
+the form every runtime buffer and backend already handles; layers read it from the stem's
+input buffer (flow source ``input:caption_mask``).
+
+Checkpoint folder (``--model-path DIR``), assembled from the three released repositories:
+``DIR/transformer`` = hpcai-tech/OpenSora-STDiT-v3 (config.json + model.safetensors),
+``DIR/vae`` = hpcai-tech/OpenSora-VAE-v1.2, ``DIR/text_encoder`` and ``DIR/tokenizer`` =
+DeepFloyd/t5-v1_1-xxl, ``DIR/scheduler/scheduler_config.json`` = the rectified-flow settings
+(``tools/make_tiny.py --model opensora`` writes the same layout).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from .base import IOSpec, PartSpec, grid_dims
+from runtime.errors import ModelError
+
+from .base import COMPONENTS, FolderComponent, IOSpec, LoadedModel, PartSpec, grid_dims
+
+PRESETS = {"tiny": Path(__file__).resolve().parent.parent / "presets" / "opensora-tiny"}
+NULL_CAPTION_FILE = "null_caption.safetensors"
+# Released sampling defaults (shared/reference/opensora-v1.2-stdit3.md).
+DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_FPS, DEFAULT_FRAMES = 30, 7.0, 24, 51
+# 240p 9:16; the release's 426 wide is not a multiple of 16 (VAE 8 x patch 2), which the exported
+# token grid needs: 432 is the nearest that is.
+DEFAULT_SIZE = (240, 432)
+AESTHETIC_SCORE = 6.5
 
 
 class OpenSoraStem(nn.Module):
@@ -104,3 +119,124 @@ def stacked(parts_: list[PartSpec], inputs: dict) -> torch.Tensor:
         for layer in layers:
             _, hidden = layer.module(hidden, t_mlp, y, inputs["caption_mask"])
         return head.module(hidden, t)
+
+
+class OpenSoraFamily:
+    """Open-Sora 1.2 text-to-video (our STDiT3, our VAE, T5, rectified flow) in the registry."""
+
+    name = "opensora"
+    pipeline_class = "OpenSoraPipeline"
+    transformer_class = "STDiT3"
+    hub_example = "hpcai-tech/OpenSora-STDiT-v3"
+    presets = PRESETS
+
+    def load(self, model_path: str) -> LoadedModel:
+        path = Path(model_path).expanduser()
+        if not path.is_dir():
+            raise ModelError(f"checkpoint folder {model_path} does not exist: pass an Open-Sora 1.2 folder to --model-path")
+        missing = [c + "/" for c in ("transformer", *COMPONENTS) if not (path / c).is_dir()]
+        if missing:
+            raise ModelError(
+                f"{model_path} is not a complete Open-Sora 1.2 folder: missing {', '.join(missing)}. Assemble it from "
+                f"hpcai-tech/OpenSora-STDiT-v3 (transformer/), hpcai-tech/OpenSora-VAE-v1.2 (vae/), "
+                f"DeepFloyd/t5-v1_1-xxl (text_encoder/, tokenizer/) and scheduler/scheduler_config.json "
+                f"(see exporter/families/opensora.py)")
+        transformer = self.load_transformer(str(path))
+        components = {c: FolderComponent(path / c) for c in COMPONENTS}
+        return LoadedModel(transformer=transformer, source=str(path.resolve()), components=components)
+
+    def load_transformer(self, source: str):
+        from exporter.models.stdit3 import load_stdit3
+
+        return load_stdit3(Path(source) / "transformer")
+
+    def vae_config(self, loaded: LoadedModel) -> dict:
+        from exporter.models.opensora_vae import OpenSoraVAEConfig
+
+        return OpenSoraVAEConfig.from_dict(loaded.components["vae"].config).to_dict()
+
+    def parts(self, model) -> list[PartSpec]:
+        return parts(model)
+
+    def dims(self, model, vae_scale_factor: int, max_scale: int = 2, pipeline: dict | None = None) -> dict:
+        """Latent frames 5 (17 frames) to 30 (102 frames); the default shape (the checkpoint's
+        defaults.json, else the release's 51 frames at 240p) is the opt shape, and the token grid
+        goes up to ``max_scale`` times it."""
+        pipeline = pipeline or {}
+        _, ph, pw = model.config.patch_size
+        spec = grid_dims((5, 15, 30), 2, model.config.model_max_length, (ph, pw))
+        frames = pipeline.get("default_frames", DEFAULT_FRAMES)
+        spec["F"]["opt"] = min(max(self._latent(frames, pipeline), 5), 30)
+        for sym, size, patch in (("h", pipeline.get("default_height", DEFAULT_SIZE[0]), ph),
+                                 ("w", pipeline.get("default_width", DEFAULT_SIZE[1]), pw)):
+            opt = max(2, size // vae_scale_factor // patch)
+            spec[sym] = {"min": 2, "opt": opt, "max": opt * max_scale}
+        spec["T"]["opt"] = model.config.model_max_length  # prompts are padded to the full length
+        return spec
+
+    def video_frames(self, dims_spec: dict, pipeline: dict) -> dict:
+        """Video frames per latent count: 17-frame chunks of 5 latent frames, a remainder of r
+        frames ceil(r / 4) (exporter.models.opensora_vae)."""
+        micro, per_chunk = pipeline["micro_frame_size"], pipeline["micro_latent_frames"]
+
+        def most_frames(latent: int) -> int:  # the largest frame count with at most `latent` latent frames
+            full, rest = divmod(latent, per_chunk)
+            return full * micro + min(micro - 1, rest * pipeline["vae_scale_factor_temporal"])
+
+        lo = dims_spec["F"]["min"]
+        smallest = next(n for n in range(1, 10 * micro) if self._latent(n, pipeline) >= lo)
+        default = pipeline.get("default_frames", DEFAULT_FRAMES)
+        top = most_frames(dims_spec["F"]["max"])
+        return {"min": smallest, "max": top, "opt": min(max(default, smallest), top)}
+
+    @staticmethod
+    def _latent(n: int, pipeline: dict) -> int:
+        """Latent frames of ``n`` video frames (the release's VAE: 17 -> 5 chunks, remainder ceil(r / 4))."""
+        full, rest = divmod(n, pipeline.get("micro_frame_size", 17))
+        return full * pipeline.get("micro_latent_frames", 5) + -(-rest // pipeline.get("vae_scale_factor_temporal", 4))
+
+    def flow(self, model=None) -> dict:
+        return {
+            "state_init": {"hidden": "hidden"},
+            "layer_inputs": {"hidden": "state:hidden", "t_mlp": "stem:t_mlp", "y": "stem:y",
+                             "caption_mask": "input:caption_mask"},
+            "layer_state_out": {"hidden": "hidden_out"},
+            "probes": ["spatial", "hidden_out"],
+            "head_inputs": {"hidden": "state:hidden", "t": "stem:t"},
+            "head_output": "noise_pred",
+        }
+
+    def pipeline(self, model, vae_config: dict) -> dict:
+        from exporter.models.opensora_vae import OpenSoraVAEConfig
+
+        vae = OpenSoraVAEConfig.from_dict(vae_config)
+        cfg = model.config
+        return {
+            "type": "opensora",
+            "latent_channels": cfg.in_channels,
+            "patch_size": cfg.patch_size[1],
+            "vae_scale_factor": vae.spatial_factor,
+            "vae_scale_factor_temporal": vae.time_factor,
+            "micro_frame_size": vae.micro_frame_size,
+            "micro_latent_frames": vae.micro_latent_frames,
+            "max_text_length": cfg.model_max_length,
+            "aesthetic_score": AESTHETIC_SCORE,  # prompt suffix " aesthetic score: 6.5."
+            "default_frames": DEFAULT_FRAMES,
+            "default_steps": DEFAULT_STEPS,
+            "default_guidance": DEFAULT_GUIDANCE,
+            "default_negative_prompt": None,  # guidance uses the model's learned null caption
+            "fps": DEFAULT_FPS,
+        }
+
+    def write_extras(self, model, folder: Path) -> dict:
+        """The CFG null caption (the transformer's ``y_embedding``): the runtime feeds it to the
+        unconditional half of the batch and never sees the transformer's weights."""
+        from safetensors.torch import save_file
+
+        save_file({"y_embedding": model.y_embedder.y_embedding.detach().float().contiguous()},
+                  str(Path(folder) / NULL_CAPTION_FILE))
+        return {"null_caption": NULL_CAPTION_FILE}
+
+    def foresight_defaults(self) -> dict:
+        # The reference implementation's Open-Sora settings; to be re-picked per model by sweep.
+        return {"warmup": 8, "recalculate": 2, "threshold": 1.0}

@@ -74,10 +74,19 @@ class RFlowSampler:
     def sample(self, model_fn: Callable, z: torch.Tensor, timesteps: list[torch.Tensor]) -> torch.Tensor:
         """Integrate ``z`` (noise, ``(B, C, T, H, W)``) from ``timesteps[0]`` to 0 with CFG."""
         for i, t in enumerate(timesteps):
-            out = model_fn(torch.cat([z, z]), torch.cat([t, t]))[:, : z.shape[1]]  # (2B, C, ...)
-            v_cond, v_uncond = out.chunk(2)
-            v = v_uncond + self.guidance_scale * (v_cond - v_uncond)
-            t_next = timesteps[i + 1] if i + 1 < len(timesteps) else torch.zeros_like(t)
-            dt = (t - t_next) / self.num_timesteps  # (B,)
-            z = z + v * dt.reshape(-1, *[1] * (z.dim() - 1))
+            out = model_fn(torch.cat([z, z]), torch.cat([t, t]))  # (2B, C_out, ...)
+            z = self.step(out, i, z, timesteps)
         return z
+
+    def step(self, out: torch.Tensor, i: int, z: torch.Tensor, timesteps: list[torch.Tensor],
+             guidance: bool = True) -> torch.Tensor:
+        """One Euler step from ``timesteps[i]`` given the model output on the CFG batch
+        (conditional half first; ``guidance`` False: the batch is ``z`` alone)."""
+        v = out[:, : z.shape[1]]
+        if guidance:
+            v_cond, v_uncond = v.chunk(2)
+            v = v_uncond + self.guidance_scale * (v_cond - v_uncond)
+        t = timesteps[i]
+        t_next = timesteps[i + 1] if i + 1 < len(timesteps) else torch.zeros_like(t)
+        dt = (t - t_next) / self.num_timesteps  # (B,)
+        return z + v * dt.reshape(-1, *[1] * (z.dim() - 1))

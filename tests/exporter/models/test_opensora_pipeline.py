@@ -140,7 +140,10 @@ def hand_rolled_latents(pipe, prompt, seed, steps, guidance, num_frames=17, heig
     y_null = model.y_embedder.y_embedding[None]  # (1, L, C)
     z = torch.randn((1, 4, pipe.vae.latent_frames(num_frames), height // 8, width // 8),
                     generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
-    f32 = lambda v: torch.tensor([float(v)] * 2)  # noqa: E731
+
+    def f32(v):  # (2,) float32: the CFG batch's fps / height / width
+        return torch.tensor([float(v)] * 2)
+
     ts = RFlowSampler(num_steps=steps).timesteps(torch.tensor([float(height)]), torch.tensor([float(width)]),
                                                  torch.tensor([float(num_frames)]))
     with torch.no_grad():
@@ -203,7 +206,21 @@ def test_sizes_not_a_multiple_of_eight_floor_to_the_latent_grid(pipe):
     # the release's 240p 9:16 is 240 x 426: latents 426 // 8 = 53 wide, frames 424
     z = pipe(PROMPT, num_frames=17, height=64, width=70, num_inference_steps=1, output_type="latent")
     assert z.shape == (1, 4, 5, 8, 8)
-    assert pipe(PROMPT, num_frames=5, height=16, width=26, num_inference_steps=1).shape == (5, 16, 24, 3)
+    assert pipe(PROMPT, num_frames=1, height=16, width=26, num_inference_steps=1).shape == (1, 16, 24, 3)
+
+
+def test_fps_is_24_for_a_video_and_120_for_one_frame(pipe):
+    fps = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, args, kwargs: fps.append(kwargs["fps"]),
+                                                      with_kwargs=True)
+    try:
+        pipe(PROMPT, num_inference_steps=1, output_type="latent")
+        pipe(PROMPT, num_frames=1, num_inference_steps=1, output_type="latent")
+        pipe(PROMPT, num_inference_steps=1, fps=8, output_type="latent")
+    finally:
+        hook.remove()
+    assert [f.tolist() for f in fps] == [[24.0, 24.0], [120.0, 120.0], [8.0, 8.0]]
+    assert all(f.dtype == torch.float32 for f in fps)
 
 
 def test_bad_arguments(pipe):

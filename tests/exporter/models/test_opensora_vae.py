@@ -3,6 +3,8 @@ normalisation and strict loading. Full size only on the meta device."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -12,6 +14,7 @@ from exporter.models.opensora_vae import (
     load_opensora_vae,
 )
 from exporter.models.stdit3 import CheckpointMismatchError
+from runtime.errors import ModelError
 
 # 8x spatial, 4x temporal like the release; every width tiny.
 TINY = OpenSoraVAEConfig(spatial_block_out_channels=(8, 8, 8, 8), spatial_layers_per_block=1,
@@ -322,6 +325,28 @@ def test_load_round_trip(model, tmp_path):
     loaded = load_opensora_vae({f"model.{k}": v for k, v in sd.items()}, TINY)
     x = torch.rand(1, 3, 5, 8, 8) * 2 - 1
     torch.testing.assert_close(loaded.encode(x, sample=False), model.encode(x, sample=False))
+
+
+def test_config_dict_round_trip_and_the_hub_file():
+    assert OpenSoraVAEConfig.from_dict(json.loads(json.dumps(TINY.to_dict()))) == TINY
+    hub = {"architectures": ["VideoAutoencoderPipeline"], "model_type": "VideoAutoencoderPipeline",
+           "freeze_vae_2d": False, "cal_loss": False, "micro_frame_size": 17,
+           "shift": [-0.10, 0.34, 0.27, 0.98], "scale": [3.85, 2.32, 2.33, 3.06],
+           "vae_2d": {"type": "VideoAutoencoderKL", "micro_batch_size": 4},
+           "vae_temporal": {"type": "VAE_Temporal_SD"}}
+    assert OpenSoraVAEConfig.from_dict(hub) == OpenSoraVAEConfig()  # unknown keys ignored
+
+
+def test_a_folder_config_json_is_honoured(model, tmp_path):
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointMismatchError, match="shape mismatches"):
+        load_opensora_vae(tmp_path)  # no config.json: the release's config
+    (tmp_path / "config.json").write_text(json.dumps(TINY.to_dict()))
+    assert load_opensora_vae(tmp_path).config == TINY
+    (tmp_path / "config.json").write_text(json.dumps({**TINY.to_dict(), "temporal_filters": 6}))  # not a multiple of the 4 groups
+    with pytest.raises(ModelError, match="config.json is not a valid Open-Sora VAE config"):
+        load_opensora_vae(tmp_path)
+    assert load_opensora_vae(tmp_path, TINY).config == TINY  # an explicit config wins
 
 
 def test_load_errors_name_the_keys(model):
