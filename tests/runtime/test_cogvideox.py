@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.runtime.test_engine import Spy, run_scripted
+from tests.runtime.test_engine import run_scripted
 
 PROMPT = "a red square moving left on a black background"
 STEPS = 6
