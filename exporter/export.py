@@ -86,8 +86,8 @@ def dynamic_shapes(specs, dims_spec: dict):
         if "of" not in v:
             syms[s] = Dim(s, min=v["min"], max=v["max"])
     for s, v in dims_spec.items():
-        if "of" in v:
-            syms[s] = v["times"] * syms[v["of"]]
+        if "of" in v:  # patch size 1: the same dimension (torch.export refuses 1 * h next to h)
+            syms[s] = syms[v["of"]] if v["times"] == 1 else v["times"] * syms[v["of"]]
     return {spec.name: {i: syms[d] for i, d in enumerate(spec.shape) if isinstance(d, str)} for spec in specs}
 
 

@@ -208,10 +208,15 @@ def train_transformer(transformer, text_encoder, tokenizer, latents, prompts, ar
 def save(out: Path, vae, transformer, text_encoder, tokenizer, scheduler, meta: dict) -> None:
     from diffusers import LattePipeline
 
-    from exporter.export import replace_dir
-
     pipe = LattePipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                          scheduler=scheduler)
+    save_pipe(out, pipe, meta)
+
+
+def save_pipe(out: Path, pipe, meta: dict) -> None:
+    """``pipe.save_pretrained`` plus training.json / defaults.json, into a temporary sibling renamed into place."""
+    from exporter.export import replace_dir
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
@@ -229,11 +234,13 @@ def save(out: Path, vae, transformer, text_encoder, tokenizer, scheduler, meta: 
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="latte", choices=["latte"])
-    ap.add_argument("--out", type=Path, default=ROOT / "exporter" / "presets" / "latte-tiny")
+    ap.add_argument("--model", default="latte", choices=["latte", "cogvideox", "opensora"],
+                    help="latte (the default; recipe here) or cogvideox / opensora (tools/recipes.py)")
+    ap.add_argument("--out", type=Path, default=None, help="default exporter/presets/<model>-tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clips", type=int, default=6000, help="synthetic clips rendered for training")
-    ap.add_argument("--frames", type=int, default=8)
+    ap.add_argument("--frames", type=int, default=None,
+                    help="frames per clip (default: latte 8; cogvideox 9 = 3 latent frames; opensora 17 = one VAE chunk)")
     ap.add_argument("--size", type=int, default=32, help="frame height and width in pixels")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--hidden", type=int, default=64)
@@ -260,7 +267,10 @@ def parse_args(argv=None):
     ap.add_argument("--guidance", type=float, default=None,
                     help="the model's default classifier-free guidance scale (picked by evaluation)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.out = args.out or ROOT / "exporter" / "presets" / f"{args.model}-tiny"
+    args.frames = args.frames or {"latte": 8, "cogvideox": 9, "opensora": 17}[args.model]
+    return args
 
 
 def main(argv=None) -> dict:
@@ -274,13 +284,18 @@ def main(argv=None) -> dict:
     clips = np.stack([c for _, c in data])
     prompts = [s.prompt for s, _ in data]
     print(f"rendered {len(prompts)} clips {clips.shape[1:]} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    vae, transformer, text_encoder, tokenizer, scheduler = build_components(args)
     log: list[dict] = []
-    scaling = train_vae(vae, clips, args, log)
-    vae.register_to_config(scaling_factor=scaling)
-    latents = encode_clips(vae, clips, scaling)
-    print(f"vae done: scaling_factor {scaling:.4f}, latents {tuple(latents.shape)}", file=sys.stderr)
-    train_transformer(transformer, text_encoder, tokenizer, latents, prompts, args, log)
+    if args.model == "latte":
+        vae, transformer, text_encoder, tokenizer, scheduler = build_components(args)
+        scaling = train_vae(vae, clips, args, log)
+        vae.register_to_config(scaling_factor=scaling)
+        latents = encode_clips(vae, clips, scaling)
+        print(f"vae done: scaling_factor {scaling:.4f}, latents {tuple(latents.shape)}", file=sys.stderr)
+        train_transformer(transformer, text_encoder, tokenizer, latents, prompts, args, log)
+    else:
+        from tools import recipes
+
+        pipe, _ = getattr(recipes, args.model)(args, clips, prompts, log)
     seconds = time.perf_counter() - t0
     meta = {
         "command": "python tools/train.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -292,7 +307,10 @@ def main(argv=None) -> dict:
         "foresight": args.foresight,
         "guidance": args.guidance,
     }
-    save(args.out, vae, transformer, text_encoder, tokenizer, scheduler, meta)
+    if args.model == "latte":
+        save(args.out, vae, transformer, text_encoder, tokenizer, scheduler, meta)
+    else:
+        save_pipe(args.out, pipe, meta)
     print(f"saved {args.out} after {seconds / 60:.1f} min (final smoothed loss {meta['final_loss']:.4f})",
           file=sys.stderr)
     return meta
