@@ -1,4 +1,9 @@
-"""Denoising-loop benchmark: the diffusers pipeline (Latte, CogVideoX) against this runtime, side by side.
+"""Denoising-loop benchmark: the reference pipeline against this runtime, side by side.
+
+The reference is diffusers' pipeline for Latte (``LattePipeline``) and CogVideoX
+(``CogVideoXPipeline``), and our eager Open-Sora 1.2 pipeline (``OpenSoraPipeline``, the
+runtime's oracle) for Open-Sora, which diffusers does not have; the row is still named
+``diffusers`` for Open-Sora in the table and the JSON, its eager reference.
 
     python tools/benchmark.py --steps 50 --repeats 3 --json /tmp/bench.json
 
@@ -255,6 +260,57 @@ class DiffusersRunner:
         return Run(seconds, latents=out)
 
 
+class OpenSoraReferenceRunner:
+    """Open-Sora 1.2 has no diffusers pipeline: the baseline is our eager reference
+    (``exporter.models.opensora_pipeline``; the runtime's oracle), timed around its
+    rectified-flow loop (``RFlowSampler.sample``), the same window as the runtime's."""
+
+    def __init__(self, checkpoint: str, manifest, device: str):
+        import dataclasses
+
+        import torch
+
+        from exporter.models.opensora_pipeline import OpenSoraPipeline
+        from exporter.models.rflow import RFlowSampler
+
+        self.torch, self.device = torch, torch.device(device)
+        self.pipe = OpenSoraPipeline.from_pretrained(checkpoint).to(self.device)
+        self._window: list[float] = []
+        runner = self
+
+        @dataclasses.dataclass(frozen=True)
+        class TimedRFlow(RFlowSampler):  # dataclasses.replace in the pipeline keeps the subclass
+            def sample(self, model_fn, z, timesteps):
+                runner._sync()
+                runner._window.append(time.perf_counter())
+                z = super().sample(model_fn, z, timesteps)
+                runner._sync()
+                runner._window.append(time.perf_counter())
+                return z
+
+        self.pipe.scheduler = TimedRFlow(**dataclasses.asdict(self.pipe.scheduler))
+        shapes, p = manifest.data["shapes"], manifest.pipeline
+        self.call_kwargs = dict(num_frames=shapes["frames"]["default"], height=shapes["height"]["default"],
+                                width=shapes["width"]["default"], guidance_scale=p["default_guidance"])
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
+    def __call__(self, prompt: str, seed: int, steps: int, decode: bool) -> Run:
+        self._window = []
+        out = self.pipe(prompt, num_inference_steps=steps, seed=seed, output_type="np" if decode else "latent",
+                        **self.call_kwargs)
+        seconds = self._window[1] - self._window[0]
+        return Run(seconds, latents=None, frames=out) if decode else Run(seconds, latents=out)
+
+
+def baseline_runner(checkpoint: str, manifest, device: str):
+    if manifest.data["model"]["family"] == "opensora":
+        return OpenSoraReferenceRunner(checkpoint, manifest, device)
+    return DiffusersRunner(checkpoint, manifest, device)
+
+
 class RuntimeRunner:
     def __init__(self, runtime, policy: str):
         self.runtime, self.policy = runtime, policy
@@ -316,7 +372,7 @@ def run_benchmark(args, command: str) -> dict:
     log(f"{manifest.data['name']} from {checkpoint}: {args.steps} steps, 1 warm-up + {args.repeats} interleaved runs "
         f"per configuration; torch {machine['torch_num_threads']} threads, {machine['cpus_usable']} CPUs")
 
-    runners = {BASELINE: DiffusersRunner(checkpoint, manifest, args.device)}
+    runners = {BASELINE: baseline_runner(checkpoint, manifest, args.device)}
     configs = [Config(BASELINE)]
     runtimes = {}
     for backend in args.backends:

@@ -3,7 +3,8 @@
 # no onnxruntime-gpu). Results under $OUT (default /tmp/gpu-checks):
 #   env.txt         GPU and library versions
 #   gpu_check.*     tools/gpu_check.py: Latte-1-sized model, bf16, runtime vs diffusers eager (< 8 min)
-#   pytest.txt      CUDA conformance (torch fp32/bf16/fp16), runtime on CUDA vs CPU, CUDA graphs, syncs per step
+#   pytest.txt      CUDA conformance (torch fp32/bf16/fp16), runtime on CUDA vs CPU, CUDA graphs, syncs per step,
+#                   CogVideoX and Open-Sora presets on CUDA vs their reference pipelines
 #   demo.gif, reuse.png, stats.json   foresight-run of the shipped preset on the GPU (torch backend, bf16)
 # Packages missing there (diffusers) travel as wheels in .whl/ (see the device notes in the README).
 set -uo pipefail

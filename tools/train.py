@@ -16,8 +16,10 @@ Two stages, both deterministic for ``--seed``:
 The result is saved in diffusers ``LattePipeline`` layout (what ``from_pretrained`` and
 ``foresight-export --model-path`` load), plus ``training.json`` (arguments, loss curve,
 seconds) and ``defaults.json`` (the model's Foresight defaults, picked with
-``tools/sweep.py``, and its guidance scale, passed here with ``--foresight`` / ``--guidance``). Architecture choices are
-model-agnostic where cheap: the model family is picked by ``--model`` (only ``latte`` so far).
+``tools/sweep.py``, and its guidance scale, passed here with ``--foresight`` / ``--guidance``). ``--model
+cogvideox`` / ``--model opensora`` train those architectures on the same domain with the recipes in
+``tools/recipes.py`` (their own VAE classes and sampler objectives), saved in the layouts
+``foresight-export`` loads.
 """
 
 from __future__ import annotations

@@ -97,3 +97,34 @@ def test_bfloat16_on_cuda_stays_close(engines_dir, rt_cuda):
     b = rt_cuda.generate(PROMPT, policy="none", **KW)
     assert next(iter(low._pools.values())).layer_sets[0][0]["hidden_out"].dtype == torch.bfloat16
     assert 0 < rel_err(a.latents, b.latents) < 0.1
+
+
+@pytest.mark.parametrize("model, preset", [("cogvideox", "tiny"), ("cogvideox", "tiny-5b"), ("opensora", "tiny")])
+def test_other_models_on_cuda_match_their_reference_on_cuda(tmp_path, model, preset):
+    """CogVideoX (vs diffusers' CogVideoXPipeline) and Open-Sora (vs our eager reference), both on
+    the GPU in fp32, with CUDA graphs: within TF32 convolution rounding."""
+    from exporter.export import ExportOptions, export
+    from exporter.families import get_family
+    from runtime import Runtime
+
+    out = tmp_path / "engines"
+    export(ExportOptions(model=model, preset=preset, out=out), progress=False)
+    rt = Runtime.load(out, backend="torch", device="cuda", cuda_graphs=True)
+    shapes = rt.manifest.data["shapes"]
+    size = dict(num_frames=shapes["frames"]["default"], height=shapes["height"]["default"],
+                width=shapes["width"]["default"])
+    got = rt.generate(PROMPT, num_inference_steps=6, seed=0, policy="none", decode=False, **size)
+    folder = get_family(model).presets[preset]
+    if model == "opensora":
+        from exporter.models.opensora_pipeline import OpenSoraPipeline
+
+        pipe = OpenSoraPipeline.from_pretrained(folder).to("cuda")
+        want = pipe(PROMPT, num_inference_steps=6, seed=0, output_type="latent", **size)
+    else:
+        from diffusers import CogVideoXPipeline
+
+        pipe = CogVideoXPipeline.from_pretrained(folder).to("cuda")
+        want = pipe(PROMPT, num_inference_steps=6, generator=torch.Generator("cpu").manual_seed(0),
+                    output_type="latent", guidance_scale=rt.parts.config["default_guidance"],
+                    max_sequence_length=rt.parts.config["max_text_length"], **size).frames
+    assert rel_err(got.latents, want) < 1e-3
