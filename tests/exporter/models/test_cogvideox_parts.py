@@ -84,3 +84,36 @@ def test_unsupported_configurations_are_refused_with_a_reason():
                                         use_learned_positional_embeddings=True)
     with pytest.raises(NotImplementedError, match="I2V"):
         cogvideox.parts(model)
+
+
+COGVIDEOX_2B = dict(num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+                    text_embed_dim=4096, num_layers=30, sample_width=90, sample_height=60, sample_frames=49,
+                    patch_size=2, max_text_seq_length=226, use_rotary_positional_embeddings=False)
+COGVIDEOX_5B = dict(COGVIDEOX_2B, num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True)
+
+
+@pytest.mark.parametrize("config, layers, table", [(COGVIDEOX_2B, 30, ("pos_embedding", 1920)),
+                                                   (COGVIDEOX_5B, 42, ("rotary_cos", 64))], ids=["2B", "5B"])
+def test_released_configurations_split_with_the_pipelines_shapes(config, layers, table):
+    """The released 2B/5B configurations (on the meta device: no memory) split into stem, one part
+    per block and head; the family's manifest facts are CogVideoXPipeline's (226 tokens, 13 latent
+    frames of 60x90 latents at the default 49 x 480 x 720)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from exporter.families.cogvideox import CogVideoXFamily
+
+    with torch.device("meta"):
+        model = CogVideoXTransformer3DModel(**config)
+    family = CogVideoXFamily()
+    parts = family.parts(model)
+    assert len(parts) == layers + 2
+    name, width = table
+    tables = {s.name: s.shape for s in cogvideox.pipeline_inputs(model)}
+    assert tables[name] == ["F", "h", "w", width]
+    where = parts[1] if name.startswith("rotary") else parts[0]
+    assert name in [s.name for s in where.inputs]
+    vae = {"block_out_channels": [128, 256, 256, 512], "temporal_compression_ratio": 4, "scaling_factor": 0.7}
+    pipe = family.pipeline(model, vae)
+    dims = family.dims(model, pipe["vae_scale_factor"])
+    assert (pipe["max_text_length"], pipe["default_frames"], dims["F"]["opt"]) == (226, 49, 13)
+    assert (dims["h"]["opt"], dims["w"]["opt"], dims["T"]["opt"]) == (30, 45, 226)
