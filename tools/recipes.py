@@ -217,7 +217,7 @@ def opensora(args, clips: np.ndarray, prompts: list[str], log: list):
     torch.manual_seed(args.seed + 4)
     transformer = STDiT3(STDiT3Config(depth=args.layers, hidden_size=args.hidden, num_heads=args.hidden // 16,
                                       patch_size=(1, 1, 1), caption_channels=TEXT_DIM,
-                                      model_max_length=OS_TEXT_TOKENS, input_sq_size=args.size))
+                                      model_max_length=OS_TEXT_TOKENS, input_sq_size=args.size)).initialize_weights()
     tok = tokenizer([append_score(p, 6.5) for p in prompts], padding="max_length", max_length=OS_TEXT_TOKENS,
                     truncation=True, return_tensors="pt")
     ids, mask = tok.input_ids, tok.attention_mask

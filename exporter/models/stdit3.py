@@ -458,6 +458,27 @@ class STDiT3(nn.Module):
         self.final_layer = T2IFinalLayer(config)
         # PyTorch's default init (not the release's zero-init of gates and projections):
         # weights are always loaded, and non-zero random weights make every path visible in tests.
+        # Training from scratch calls initialize_weights() (the release's scheme).
+
+    def initialize_weights(self) -> "STDiT3":
+        """The release's initialisation for training from scratch: Xavier-uniform linear layers with
+        zero bias; the fps embedder's output layer zero and its input layer N(0, 0.02); every temporal
+        block's self-attention, cross-attention and MLP output projections zero, so the model starts
+        as a per-frame image model and the temporal blocks grow in from the identity."""
+        def basic(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(basic)
+        nn.init.normal_(self.fps_embedder.mlp[0].weight, std=0.02)
+        nn.init.zeros_(self.fps_embedder.mlp[2].weight)
+        nn.init.zeros_(self.fps_embedder.mlp[2].bias)
+        for block in self.temporal_blocks:
+            for proj in (block.attn.proj, block.cross_attn.proj, block.mlp.fc2):
+                nn.init.zeros_(proj.weight)
+        return self
 
     def stem(self, x, timestep, y, mask=None, *, fps, height, width, x_mask=None) -> StemOutput:
         """Latents, timestep, T5 caption and conditioning -> the layer inputs.

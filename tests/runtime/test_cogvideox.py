@@ -35,6 +35,11 @@ def runtimes(exported):
     return {b: Runtime.load(engines, backend=b, device="cpu") for b in ("torch", "onnxruntime")}
 
 
+def default_size(rt) -> tuple[int, int, int]:
+    shapes = rt.manifest.data["shapes"]
+    return shapes["frames"]["default"], shapes["height"]["default"], shapes["width"]["default"]
+
+
 def reference(preset, frames, height, width, guidance=6.0, seed=0):
     from diffusers import CogVideoXPipeline
 
@@ -47,14 +52,18 @@ def reference(preset, frames, height, width, guidance=6.0, seed=0):
     return latents, (video * 255).round().astype(np.uint8)
 
 
-@pytest.mark.parametrize("size", [(9, 64, 64), (8, 48, 80)], ids=["training size", "other size"])
-def test_torch_backend_is_bit_identical_to_the_cogvideox_pipeline(exported, runtimes, size):
+@pytest.mark.parametrize("other", [False, True], ids=["training size", "other size"])
+def test_torch_backend_is_bit_identical_to_the_cogvideox_pipeline(exported, runtimes, other):
     preset, _ = exported
-    frames, height, width = size
+    frames, height, width = default_size(runtimes["torch"])
+    if other:  # 8 frames (an even latent count), one grid step shorter and one wider: tables recomputed
+        step = max(8, runtimes["torch"].manifest.data["shapes"]["height"]["multiple_of"])  # the pipeline wants 8k
+        frames, height, width = 8, height - step, width + step
     latents, video = reference(preset, frames, height, width)
     result = runtimes["torch"].generate(PROMPT, num_frames=frames, height=height, width=width,
                                         num_inference_steps=STEPS, seed=0, policy="none")
-    assert result.latents.shape == latents.shape == (1, (frames - 1) // 4 + 1, 4, height // 8, width // 8)
+    f = runtimes["torch"].parts.config["vae_scale_factor"]
+    assert result.latents.shape == latents.shape == (1, (frames - 1) // 4 + 1, 4, height // f, width // f)
     assert torch.equal(result.latents, latents)
     assert result.frames.shape == (frames, height, width, 3)
     assert np.array_equal(result.frames, video)
@@ -62,7 +71,7 @@ def test_torch_backend_is_bit_identical_to_the_cogvideox_pipeline(exported, runt
 
 def test_onnxruntime_backend_matches_the_cogvideox_pipeline(exported, runtimes):
     preset, _ = exported
-    latents, video = reference(preset, 9, 64, 64)
+    latents, video = reference(preset, *default_size(runtimes["onnxruntime"]))
     result = runtimes["onnxruntime"].generate(PROMPT, num_inference_steps=STEPS, seed=0, policy="none")
     rel = float((result.latents - latents).abs().max() / latents.abs().max())
     assert rel < 1e-4
@@ -71,7 +80,7 @@ def test_onnxruntime_backend_matches_the_cogvideox_pipeline(exported, runtimes):
 
 def test_without_guidance_the_batch_is_one(exported, runtimes):
     preset, _ = exported
-    latents, _ = reference(preset, 9, 64, 64, guidance=1.0)
+    latents, _ = reference(preset, *default_size(runtimes["torch"]), guidance=1.0)
     result = runtimes["torch"].generate(PROMPT, num_inference_steps=STEPS, guidance_scale=1.0, seed=0,
                                         policy="none", decode=False)
     assert torch.equal(result.latents, latents)
@@ -129,19 +138,20 @@ def test_cli_exports_and_runs_cogvideox(tmp_path, capsys):
                      "--stats", str(stats), "--heatmap", str(tmp_path / "reuse.png"), "--save-frames", str(npy),
                      "--quiet"])
     assert code == 0, capsys.readouterr().err
-    assert iio.imread(out).shape == np.load(npy).shape == (8, 64, 64, 3)
+    assert iio.imread(out).shape == np.load(npy).shape == (8, 32, 32, 3)
     import json
 
     data = json.loads(stats.read_text())
-    assert data["frames"] == 8 and data["num_layers"] == 4 and (tmp_path / "reuse.png").is_file()
+    layers = len(json.loads((engines / "manifest.json").read_text())["parts"]["layers"])
+    assert data["frames"] == 8 and data["num_layers"] == layers and (tmp_path / "reuse.png").is_file()
     code = run_main(["--engines", str(engines), "--prompt", PROMPT, "--out", str(tmp_path / "bad.gif"),
                      "--frames", "10"])
     err = capsys.readouterr().err
     assert code == 2 and "pass --frames 9 or 16" in err and "Traceback" not in err
     assert not (tmp_path / "bad.gif").exists()
-    # diffusers' default tiles for a 64x64 VAE give 70x68 frames: refused, not written.
+    # diffusers' default tiles for this small VAE do not reproduce the frame size: refused, not written.
     code = run_main(["--engines", str(engines), "--prompt", PROMPT, "--out", str(tmp_path / "tiled.mp4"),
-                     "--steps", "2", "--vae-tiling", "--quiet"])
+                     "--steps", "2", "--height", "64", "--width", "64", "--vae-tiling", "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "without --vae-tiling" in err and not (tmp_path / "tiled.mp4").exists()
 
@@ -150,7 +160,8 @@ def test_vae_tiling_decodes_the_same_frame_count(exported, runtimes):
     """Tiles smaller than the frame: the tiled decode is a video of the same shape, close to the untiled one."""
     rt = runtimes["torch"]
     plain = rt.generate(PROMPT, num_inference_steps=2, seed=0, policy="none")
-    rt.parts.vae.enable_tiling(tile_sample_min_height=32, tile_sample_min_width=32,
+    tile = plain.frames.shape[1] // 2
+    rt.parts.vae.enable_tiling(tile_sample_min_height=tile, tile_sample_min_width=tile,
                                tile_overlap_factor_height=0.25, tile_overlap_factor_width=0.25)
     try:
         tiled = rt.parts.decode(plain.latents, plain.frames.shape[0])
