@@ -101,7 +101,8 @@ def cogvideox(args, clips: np.ndarray, prompts: list[str], log: list):
     _optimise(list(vae.parameters()), args.vae_steps, args.vae_lr, "vae", vae_loss, log, "recon")
     vae.eval()
     with torch.no_grad():
-        sample = [vae.encode(videos(clips, np.arange(i, i + 16))).latent_dist.mode() for i in range(0, 256, 16)]
+        sample = [vae.encode(videos(clips, np.arange(i, min(i + 16, len(clips))))).latent_dist.mode()
+                  for i in range(0, min(256, len(clips)), 16)]
         scaling = 1.0 / torch.cat(sample).std().item()
         vae.register_to_config(scaling_factor=scaling)
         latents = torch.cat([vae.encode(videos(clips, np.arange(i, min(i + 32, len(clips))))).latent_dist.mode()

@@ -226,8 +226,10 @@ def save_pipe(out: Path, pipe, meta: dict) -> None:
         (tmp / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
         defaults = {k: v for k, v in (("foresight", meta.get("foresight")), ("guidance_scale", meta.get("guidance")))
                     if v is not None}
-        if defaults:  # read by foresight-export into the manifest
-            (tmp / "defaults.json").write_text(json.dumps(defaults, indent=1) + "\n")
+        if defaults:  # read by foresight-export into the manifest (merged with what the pipeline wrote)
+            path = tmp / "defaults.json"
+            defaults = {**(json.loads(path.read_text()) if path.is_file() else {}), **defaults}
+            path.write_text(json.dumps(defaults, indent=1) + "\n")
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -77,3 +77,25 @@ def test_word_tokenizer_round_trips_through_autotokenizer(tmp_path):
     assert tok("a plaid blob").input_ids.count(tok.unk_token_id) == 2
     tok.save_pretrained(tmp_path)
     assert AutoTokenizer.from_pretrained(tmp_path)("a red square").input_ids == tok("a red square").input_ids
+
+
+@pytest.mark.parametrize("model", ["cogvideox", "opensora"])
+def test_other_architectures_train_and_export(model, tmp_path):
+    """tools/recipes.py: a short run of each recipe lowers the VAE and transformer losses and saves
+    a folder that foresight-export loads through the same path as a released checkpoint."""
+    from exporter.export import ExportOptions, export
+
+    out = tmp_path / model
+    meta = train.main(["--model", model, "--out", str(out), "--clips", "48", "--vae-steps", "30", "--vae-batch", "4",
+                       "--steps", "60", "--batch", "4", "--layers", "2", "--seed", "3",
+                       "--foresight", '{"warmup": 4, "recalculate": 2, "threshold": 1.5}'])
+    vae = [e["recon"] for e in meta["log"] if e["stage"] == "vae"]
+    dit = [e["loss"] for e in meta["log"] if e["stage"] == "transformer"]
+    assert len(vae) == 30 and len(dit) == 60
+    assert statistics.mean(vae[-8:]) < statistics.mean(vae[:8])
+    assert statistics.mean(dit[-15:]) < statistics.mean(dit[:15])
+    engines = export(ExportOptions(model=model, model_path=str(out), out=tmp_path / "e"), progress=False)
+    manifest = json.loads((engines / "manifest.json").read_text())
+    assert manifest["foresight_defaults"] == {"warmup": 4, "recalculate": 2, "threshold": 1.5}
+    assert len(manifest["parts"]["layers"]) == 2
+    assert manifest["shapes"]["frames"]["default"] == (9 if model == "cogvideox" else 17)
