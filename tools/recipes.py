@@ -49,6 +49,26 @@ def videos(clips: np.ndarray, idx) -> torch.Tensor:
     return to_unit(clips[idx]).permute(0, 2, 1, 3, 4)
 
 
+def kl_vae_loss(vae, x: torch.Tensor, gen: torch.Generator, kl_weight: float):
+    """Reconstruction + a small KL term for a diffusers KL autoencoder on a batch ``x``."""
+    posterior = vae.encode(x).latent_dist
+    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+    recon = F.mse_loss(vae.decode(z).sample, x)
+    kl = posterior.kl().mean() / z[0].numel()
+    return recon + kl_weight * kl, {"recon": recon.item(), "kl": kl.item()}
+
+
+def train_jointly(transformer, text_encoder, args, loss_fn, log: list) -> float:
+    """The transformer and the text encoder, trained together on ``loss_fn``; left in eval mode."""
+    transformer.train()
+    text_encoder.train()
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    final = _optimise(params, args.steps, args.lr, "transformer", loss_fn, log, "loss")
+    transformer.eval()
+    text_encoder.eval()
+    return final
+
+
 def _optimise(params, steps: int, lr: float, desc: str, loss_fn, log: list, postfix: str):
     import time
 
@@ -91,11 +111,7 @@ def cogvideox(args, clips: np.ndarray, prompts: list[str], log: list):
 
     def vae_loss(step):
         x = videos(clips, torch.randint(0, len(clips), (args.vae_batch,), generator=gen).numpy())
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-        recon = F.mse_loss(vae.decode(z).sample, x)
-        kl = posterior.kl().mean() / z[0].numel()
-        return recon + args.kl_weight * kl, {"recon": recon.item(), "kl": kl.item()}
+        return kl_vae_loss(vae, x, gen, args.kl_weight)
 
     vae.train()
     _optimise(list(vae.parameters()), args.vae_steps, args.vae_lr, "vae", vae_loss, log, "recon")
@@ -124,7 +140,6 @@ def cogvideox(args, clips: np.ndarray, prompts: list[str], log: list):
                     return_tensors="pt").input_ids
     empty = len(prompts)
     gen = torch.Generator().manual_seed(args.seed + 4)
-    params = list(transformer.parameters()) + list(text_encoder.parameters())
 
     def loss(step):
         idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
@@ -140,11 +155,7 @@ def cogvideox(args, clips: np.ndarray, prompts: list[str], log: list):
         value = F.mse_loss(pred, target)
         return value, {"loss": value.item()}
 
-    transformer.train()
-    text_encoder.train()
-    final = _optimise(params, args.steps, args.lr, "transformer", loss, log, "loss")
-    transformer.eval()
-    text_encoder.eval()
+    final = train_jointly(transformer, text_encoder, args, loss, log)
     pipe = CogVideoXPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
                              scheduler=scheduler)
     return pipe, final
@@ -172,11 +183,7 @@ def opensora(args, clips: np.ndarray, prompts: list[str], log: list):
 
     def spatial_loss(step):
         x = to_unit(frames[torch.randint(0, len(frames), (args.vae_batch,), generator=gen).numpy()])
-        posterior = spatial.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-        recon = F.mse_loss(spatial.decode(z).sample, x)
-        kl = posterior.kl().mean() / z[0].numel()
-        return recon + args.kl_weight * kl, {"recon": recon.item(), "kl": kl.item()}
+        return kl_vae_loss(spatial, x, gen, args.kl_weight)
 
     spatial.train()
     _optimise(list(spatial.parameters()), args.vae_steps, args.vae_lr, "vae", spatial_loss, log, "recon")
@@ -225,7 +232,6 @@ def opensora(args, clips: np.ndarray, prompts: list[str], log: list):
     size = torch.full((args.batch,), float(args.size))
     fps = torch.full((args.batch,), 24.0)
     gen = torch.Generator().manual_seed(args.seed + 5)
-    params = list(transformer.parameters()) + list(text_encoder.parameters())
 
     def loss(step):
         idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
@@ -242,11 +248,7 @@ def opensora(args, clips: np.ndarray, prompts: list[str], log: list):
         value = F.mse_loss(pred, x0 - noise)
         return value, {"loss": value.item()}
 
-    transformer.train()
-    text_encoder.train()
-    final = _optimise(params, args.steps, args.lr, "transformer", loss, log, "loss")
-    transformer.eval()
-    text_encoder.eval()
+    final = train_jointly(transformer, text_encoder, args, loss, log)
     # At 32 px the release's resolution-based timestep shift (tuned for 512^2 and up) would put nearly
     # every step at low noise: this model is trained and sampled on the plain uniform schedule.
     sampler = RFlowSampler(num_steps=30, guidance_scale=7.0, use_timestep_transform=False)

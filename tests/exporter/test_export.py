@@ -335,14 +335,18 @@ def test_cli_missing_model_path(capsys, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_cli_incomplete_checkpoint_names_the_missing_folder(capsys, tmp_path, preset_dir):
+@pytest.mark.parametrize("model, where", [("latte", "maxin-cn/Latte-1"), ("cogvideox", "THUDM/CogVideoX-2b"),
+                                          ("opensora", "hpcai-tech/OpenSora-VAE-v1.2")])
+def test_cli_incomplete_checkpoint_names_the_missing_folder(capsys, tmp_path, model, where):
+    from exporter.families import get_family
+
     ckpt = tmp_path / "ckpt"
-    shutil.copytree(preset_dir, ckpt)
+    shutil.copytree(get_family(model).presets["tiny"], ckpt)
     shutil.rmtree(ckpt / "vae")
-    rc = main(["--model", "latte", "--model-path", str(ckpt), "--out", str(tmp_path / "x")])
+    rc = main(["--model", model, "--model-path", str(ckpt), "--out", str(tmp_path / "x")])
     line = assert_one_line_error(capsys, rc, "vae/")
-    for present in ("transformer/", "text_encoder/", "tokenizer/", "scheduler/"):
-        assert present not in line
+    assert where in line
+    assert line.split("missing ", 1)[1].split(".", 1)[0] == "vae/"  # only what is missing
     assert not (tmp_path / "x").exists()
 
 

@@ -170,16 +170,3 @@ def test_vae_tiling_decodes_the_same_frame_count(exported, runtimes):
     assert tiled.shape == plain.frames.shape
     assert not np.array_equal(tiled, plain.frames)  # the tiles really were used
 
-
-def test_incomplete_checkpoint_folder_names_what_is_missing(tmp_path, capsys):
-    import shutil
-
-    from exporter.cli import main as export_main
-    from exporter.families import get_family
-
-    folder = tmp_path / "ckpt"
-    shutil.copytree(get_family("cogvideox").presets["tiny"], folder)
-    shutil.rmtree(folder / "vae")
-    code = export_main(["--model", "cogvideox", "--model-path", str(folder), "--out", str(tmp_path / "e")])
-    err = capsys.readouterr().err
-    assert code == 2 and "missing vae/" in err and "THUDM/CogVideoX-2b" in err

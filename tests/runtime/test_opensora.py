@@ -137,16 +137,3 @@ def test_cli_exports_and_runs_opensora(tmp_path, capsys):
     want = (shapes["frames"]["default"], shapes["height"]["default"], shapes["width"]["default"], 3)
     assert iio.imread(out).shape == np.load(npy).shape == want
 
-
-def test_incomplete_checkpoint_folder_names_what_is_missing(tmp_path, capsys):
-    import shutil
-
-    from exporter.cli import main as export_main
-    from exporter.families import get_family
-
-    folder = tmp_path / "ckpt"
-    shutil.copytree(get_family("opensora").presets["tiny"], folder)
-    shutil.rmtree(folder / "vae")
-    code = export_main(["--model", "opensora", "--model-path", str(folder), "--out", str(tmp_path / "e")])
-    err = capsys.readouterr().err
-    assert code == 2 and "missing vae/" in err and "hpcai-tech/OpenSora-VAE-v1.2" in err
