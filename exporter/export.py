@@ -193,6 +193,14 @@ def checkpoint_defaults(family, source: str) -> tuple[dict, dict]:
     return foresight, pipeline
 
 
+def pipeline_facts(family, model, vae_config: dict, source: str) -> tuple[dict, dict]:
+    """(Foresight defaults, pipeline facts): the family's facts with the checkpoint's defaults.json on top."""
+    foresight, overrides = checkpoint_defaults(family, source)
+    pipeline = family.pipeline(model, vae_config)
+    pipeline.update(overrides)
+    return foresight, pipeline
+
+
 def save_components(components: dict, out: Path) -> None:
     for name in COMPONENTS:
         comp = components[name]
@@ -253,16 +261,14 @@ def describe(family, model, vae_config: dict, dims_spec: dict, entries: list[dic
 
     from runtime import __version__
 
-    foresight, pipeline_overrides = checkpoint_defaults(family, source)
-    pipeline = family.pipeline(model, vae_config)
-    pipeline.update(pipeline_overrides)
+    foresight, pipeline = pipeline_facts(family, model, vae_config, source)
     pipeline.update({c: c for c in COMPONENTS})
     px = pipeline["vae_scale_factor"] * pipeline["patch_size"]
-    # Video frames: the latent frame range F through the VAE's temporal compression (1 + r (F - 1)).
-    ratio = pipeline.get("vae_scale_factor_temporal", 1)
-    frames = {k: 1 + ratio * (dims_spec["F"][k] - 1) for k in ("min", "opt", "max")}
     if hasattr(family, "video_frames"):  # a VAE whose frame count is not 1 + r (F - 1)
         frames = family.video_frames(dims_spec, pipeline)
+    else:  # the latent frame range F through the VAE's temporal compression r: 1 + r (F - 1)
+        ratio = pipeline.get("vae_scale_factor_temporal", 1)
+        frames = {k: 1 + ratio * (dims_spec["F"][k] - 1) for k in ("min", "opt", "max")}
     return {
         "schema_version": SCHEMA_VERSION,
         "format": "foresight-engines",
@@ -316,8 +322,7 @@ def export(opts: ExportOptions, progress=True) -> Path:
     model = loaded.transformer.float().eval()
     parts = family.parts(model)
     vae_config = family.vae_config(loaded)
-    pipeline = family.pipeline(model, vae_config)
-    pipeline.update(checkpoint_defaults(family, loaded.source)[1])
+    _, pipeline = pipeline_facts(family, model, vae_config, loaded.source)
     dims_spec = family.dims(model, pipeline["vae_scale_factor"], opts.max_scale, pipeline=pipeline)
     generator = torch.Generator().manual_seed(opts.seed)
 

@@ -389,12 +389,10 @@ class OpenSoraPipelineParts(PipelineParts):
                          "frame by frame in the spatial stage")
 
     def latent_frames(self, frames: int) -> int:
-        from exporter.models.opensora_vae import OpenSoraVAEConfig
-
         if frames < self.config["micro_frame_size"]:
             raise ShapeError(f"frames={frames}: Open-Sora 1.2 makes videos of at least {self.config['micro_frame_size']} "
                              f"frames (its timestep transform needs one full VAE chunk); pass --frames 17 or more")
-        return OpenSoraVAEConfig(micro_frame_size=self.config["micro_frame_size"]).latent_frames(frames)
+        return self.vae.latent_frames(frames)  # the loaded VAE's own chunking rule
 
     @staticmethod
     def text_tokens(cond: dict[str, torch.Tensor]) -> int:

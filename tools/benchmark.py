@@ -200,19 +200,40 @@ def baseline_kwargs(manifest) -> tuple[str, dict]:
     raise ManifestError(f"the benchmark has no diffusers baseline for {family!r} models")
 
 
-class DiffusersRunner:
+class WindowTimer:
+    """A reference pipeline timed around its denoising loop: ``window()`` wraps the loop and
+    stamps ``perf_counter`` on entering and leaving it (after a device sync on CUDA)."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.torch, self.device = torch, torch.device(device)
+        self._window: list[float] = []
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def window(self):
+        self._sync()
+        self._window.append(time.perf_counter())
+        yield
+        self._sync()
+        self._window.append(time.perf_counter())
+
+
+class DiffusersRunner(WindowTimer):
     """The diffusers pipeline (``LattePipeline``, ``CogVideoXPipeline``) eager, called with the
     inputs the runtime derives from the manifest."""
 
     def __init__(self, checkpoint: str, manifest, device: str):
         import diffusers
-        import torch
         import transformers
 
+        super().__init__(device)
         transformers.utils.logging.disable_progress_bar()
         diffusers.utils.logging.disable_progress_bar()  # "Loading pipeline components" would interleave with ours
-        self.torch = torch
-        self.device = torch.device(device)
         self.pipeline_class, self.call_kwargs = baseline_kwargs(manifest)
         try:
             self.pipe = getattr(diffusers, self.pipeline_class).from_pretrained(checkpoint).to(self.device)
@@ -221,24 +242,15 @@ class DiffusersRunner:
                 f"diffusers could not load the checkpoint {checkpoint!r} ({exc}); pass its folder with --checkpoint"
             ) from exc
         self.pipe.set_progress_bar_config(disable=True)
-        self._window: list[float] = []
         original = self.pipe.progress_bar
 
         @contextlib.contextmanager
         def timed_progress_bar(*args, **kwargs):
             # LattePipeline and CogVideoXPipeline open this around their denoising loop and nothing else.
-            with original(*args, **kwargs) as bar:
-                self._sync()
-                self._window.append(time.perf_counter())
+            with original(*args, **kwargs) as bar, self.window():
                 yield bar
-                self._sync()
-                self._window.append(time.perf_counter())
 
         self.pipe.progress_bar = timed_progress_bar
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize(self.device)
 
     def __call__(self, prompt: str, seed: int, steps: int, decode: bool) -> Run:
         import numpy as np
@@ -260,7 +272,7 @@ class DiffusersRunner:
         return Run(seconds, latents=out)
 
 
-class OpenSoraReferenceRunner:
+class OpenSoraReferenceRunner(WindowTimer):
     """Open-Sora 1.2 has no diffusers pipeline: the baseline is our eager reference
     (``exporter.models.opensora_pipeline``; the runtime's oracle), timed around its
     rectified-flow loop (``RFlowSampler.sample``), the same window as the runtime's."""
@@ -268,34 +280,23 @@ class OpenSoraReferenceRunner:
     def __init__(self, checkpoint: str, manifest, device: str):
         import dataclasses
 
-        import torch
-
         from exporter.models.opensora_pipeline import OpenSoraPipeline
         from exporter.models.rflow import RFlowSampler
 
-        self.torch, self.device = torch, torch.device(device)
+        super().__init__(device)
         self.pipe = OpenSoraPipeline.from_pretrained(checkpoint).to(self.device)
-        self._window: list[float] = []
         runner = self
 
         @dataclasses.dataclass(frozen=True)
         class TimedRFlow(RFlowSampler):  # dataclasses.replace in the pipeline keeps the subclass
             def sample(self, model_fn, z, timesteps):
-                runner._sync()
-                runner._window.append(time.perf_counter())
-                z = super().sample(model_fn, z, timesteps)
-                runner._sync()
-                runner._window.append(time.perf_counter())
-                return z
+                with runner.window():
+                    return super().sample(model_fn, z, timesteps)
 
         self.pipe.scheduler = TimedRFlow(**dataclasses.asdict(self.pipe.scheduler))
         shapes, p = manifest.data["shapes"], manifest.pipeline
         self.call_kwargs = dict(num_frames=shapes["frames"]["default"], height=shapes["height"]["default"],
                                 width=shapes["width"]["default"], guidance_scale=p["default_guidance"])
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize(self.device)
 
     def __call__(self, prompt: str, seed: int, steps: int, decode: bool) -> Run:
         self._window = []

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tools import synthetic
-from tools.train import TEXT_DIM, lr_at, to_unit, word_tokenizer
+from tools.train import TEXT_DIM, lr_at, t5_encoder, to_unit, word_tokenizer
 
 COG_TEXT_TOKENS = 16  # a domain prompt is 9 words + </s>
 OS_TEXT_TOKENS = 24  # + " aesthetic score: 6.5." (7 tokens)
@@ -35,13 +35,8 @@ SCORE_WORDS = ("aesthetic", "score", ":", ".", *"0123456789")
 
 
 def text_encoder_for(tokenizer, seed: int):
-    from transformers import T5Config, T5EncoderModel
-
     torch.manual_seed(seed)
-    return T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False))
+    return t5_encoder(tokenizer)
 
 
 def videos(clips: np.ndarray, idx) -> torch.Tensor:

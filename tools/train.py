@@ -50,7 +50,7 @@ TEXT_TOKENS = 64  # prompts are < 64 bytes
 
 def build_components(args):
     from diffusers import AutoencoderKL, DDIMScheduler, LatteTransformer3DModel
-    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+    from transformers import ByT5Tokenizer
 
     torch.manual_seed(args.seed)
     vae = AutoencoderKL(
@@ -67,16 +67,24 @@ def build_components(args):
         norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=TEXT_DIM, video_length=args.frames,
     )
     tokenizer = word_tokenizer(synthetic.vocabulary()) if args.tokenizer == "word" else ByT5Tokenizer()
-    text_encoder = T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-        feed_forward_proj="gated-gelu", is_encoder_decoder=False,
-    ))
+    text_encoder = t5_encoder(tokenizer)
     # Latte-1's scheduler settings (DDIM over the linear-beta DDPM schedule it was trained with).
     scheduler = DDIMScheduler(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
                               clip_sample=False, set_alpha_to_one=True, steps_offset=0, prediction_type=args.prediction,
                               timestep_spacing="leading")
     return vae, transformer, text_encoder, tokenizer, scheduler
+
+
+def t5_encoder(tokenizer):
+    """The small text encoder every shipped model trains with: a 2-layer T5 over ``tokenizer``'s vocabulary
+    (initialised from torch's global RNG: seed before calling)."""
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        feed_forward_proj="gated-gelu", is_encoder_decoder=False,
+    ))
 
 
 def word_tokenizer(words: list[str]):
