@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tools import synthetic
-from tools.train import TEXT_DIM, lr_at, t5_encoder, to_unit, word_tokenizer
+from tools.train import (TEXT_DIM, curriculum_indices, draw_clips, lr_at, sample_timesteps, skew_at, t5_encoder,
+                         to_unit, word_tokenizer)
 
 COG_TEXT_TOKENS = 16  # a domain prompt is 9 words + </s>
 OS_TEXT_TOKENS = 24  # + " aesthetic score: 6.5." (7 tokens)
@@ -135,13 +136,14 @@ def cogvideox(args, clips: np.ndarray, prompts: list[str], log: list):
                     return_tensors="pt").input_ids
     empty = len(prompts)
     gen = torch.Generator().manual_seed(args.seed + 4)
+    subset = curriculum_indices(prompts) if args.curriculum else None
 
     def loss(step):
-        idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
+        idx = draw_clips(step, args, subset, len(latents), gen)
         text_idx = torch.where(torch.rand(args.batch, generator=gen) < args.cond_dropout, empty, idx)
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, 1000, (args.batch,), generator=gen)
+        t = sample_timesteps(args.batch, skew_at(step, args), gen)
         a = alphas[t].view(-1, 1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         target = a.sqrt() * noise - (1 - a).sqrt() * x0  # v
@@ -227,13 +229,15 @@ def opensora(args, clips: np.ndarray, prompts: list[str], log: list):
     size = torch.full((args.batch,), float(args.size))
     fps = torch.full((args.batch,), 24.0)
     gen = torch.Generator().manual_seed(args.seed + 5)
+    subset = curriculum_indices(prompts) if args.curriculum else None
 
     def loss(step):
-        idx = torch.randint(0, len(latents), (args.batch,), generator=gen)
+        idx = draw_clips(step, args, subset, len(latents), gen)
         drop = torch.rand(args.batch, generator=gen) < args.cond_dropout
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
-        t = torch.rand(args.batch, generator=gen) * 1000
+        u, skew = torch.rand(args.batch, generator=gen), skew_at(step, args)
+        t = (u if skew == 1.0 else 1 - (1 - u) ** skew) * 1000  # rectified-flow time, skewed like sample_timesteps
         s = (t / 1000).view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         y = text_encoder(ids[idx], attention_mask=mask[idx])[0]  # (B, L, C)

@@ -12,6 +12,14 @@ library only: the training script imports this.
 Geometry is in pixels of the frames being rendered: ``sample_spec(..., height, width)``
 scales its 32x32 ranges (size 8-12 px, speed 1.2-2.0 px/frame) by ``min(H, W) / 32``, and a
 spec must be rendered at the size it was sampled for (``dataset`` does this).
+
+Two layouts (``LAYOUTS``): ``anywhere`` starts the object anywhere it can make its trip at a
+speed of 1.2-2.0 px/frame; ``cross`` makes it cross the frame: it travels 60-100% of the room
+its motion axis leaves it (so it enters near the edge it moves away from), whatever the clip's
+length. In ``anywhere`` clips the direction moves the object by a few pixels against a start
+position spread over most of the frame, and models trained on them learned colour but not
+direction; in ``cross`` clips the direction decides which half of the frame the object is in at
+the start and at the end.
 """
 
 from __future__ import annotations
@@ -46,7 +54,9 @@ MOTION = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 REFERENCE_SIZE = 32  # the frame side the size and speed ranges below are stated for
 SIZE_RANGE = (8.0, 12.0)  # px at 32x32: diameter of a circle, side of a square or triangle
-SPEED_RANGE = (1.2, 2.0)  # px per frame at 32x32
+SPEED_RANGE = (1.2, 2.0)  # px per frame at 32x32 (layout "anywhere")
+CROSS_RANGE = (0.6, 1.0)  # share of the room along the motion that a "cross" clip travels
+LAYOUTS = ("anywhere", "cross")
 MARGIN = 1.0  # px between the object and the frame edge: the outermost pixels stay pure background
 #               (tools/evaluate.py estimates the background from them)
 SUPERSAMPLE = 4  # sub-pixels per pixel side: anti-aliased edges, so sub-pixel motion shows
@@ -109,12 +119,22 @@ def _check_dims(frames: int, height: int, width: int) -> None:
         raise ValueError(f"need frames >= 1 and height, width >= 8 (got {frames}, {height}, {width})")
 
 
-def sample_spec(rng: random.Random, frames: int = 8, height: int = 32, width: int = 32) -> ClipSpec:
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not known: pass one of {', '.join(LAYOUTS)}")
+
+
+def sample_spec(rng: random.Random, frames: int = 8, height: int = 32, width: int = 32,
+                layout: str = "anywhere") -> ClipSpec:
     """A random clip whose object stays fully inside the frame (plus MARGIN) in every frame.
 
-    The speed is capped at what the frame allows for ``frames`` frames, so long clips move slower.
+    ``anywhere``: the speed is drawn from SPEED_RANGE, capped at what the frame allows for ``frames``
+    frames (so long clips move slower). ``cross``: the trip is drawn as a share (CROSS_RANGE) of the
+    room along the motion and the speed follows from it. Either way the start is uniform over the
+    positions that keep the whole trip inside the frame.
     """
     _check_dims(frames, height, width)
+    _check_layout(layout)
     scale = min(height, width) / REFERENCE_SIZE
     shape, color = rng.choice(SHAPES), rng.choice(tuple(COLORS))
     direction, background = rng.choice(DIRECTIONS), rng.choice(tuple(BACKGROUNDS))
@@ -122,7 +142,10 @@ def sample_spec(rng: random.Random, frames: int = 8, height: int = 32, width: in
     dx, dy = MOTION[direction]
     extent = width if dx else height  # along the motion
     room = extent - size - 2 * MARGIN
-    speed = min(rng.uniform(*SPEED_RANGE) * scale, room / max(1, frames - 1))
+    if layout == "cross" and frames > 1:
+        speed = rng.uniform(*CROSS_RANGE) * room / (frames - 1)
+    else:
+        speed = min(rng.uniform(*SPEED_RANGE) * scale, room / max(1, frames - 1))
     travel = speed * (frames - 1)
 
     def start(length: float, sign: int, travel: float) -> float:
@@ -165,11 +188,13 @@ def render(spec: ClipSpec, frames: int = 8, height: int = 32, width: int = 32) -
     return video
 
 
-def dataset(n: int, seed: int, frames: int = 8, height: int = 32,
-            width: int = 32) -> list[tuple[ClipSpec, np.ndarray]]:
-    """``n`` (spec, video) pairs; the same (n, seed) gives the same pairs, and a longer ``n`` extends a shorter one."""
+def dataset(n: int, seed: int, frames: int = 8, height: int = 32, width: int = 32,
+            layout: str = "anywhere") -> list[tuple[ClipSpec, np.ndarray]]:
+    """``n`` (spec, video) pairs; the same (n, seed, layout) gives the same pairs, and a longer ``n`` extends a
+    shorter one."""
+    _check_layout(layout)
     rng = random.Random(seed)
-    specs = [sample_spec(rng, frames, height, width) for _ in range(n)]
+    specs = [sample_spec(rng, frames, height, width, layout) for _ in range(n)]
     return [(spec, render(spec, frames, height, width)) for spec in specs]
 
 

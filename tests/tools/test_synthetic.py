@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from tools.synthetic import (
-    BACKGROUNDS, COLORS, DIRECTIONS, MOTION, SHAPES, ClipSpec, dataset, held_out_prompts, parse_prompt, render,
-    sample_spec,
+    BACKGROUNDS, COLORS, DIRECTIONS, LAYOUTS, MOTION, SHAPES, ClipSpec, dataset, held_out_prompts, parse_prompt,
+    render, sample_spec,
 )
 
 
@@ -137,6 +137,38 @@ def test_sampled_object_stays_inside_and_moves_visibly():
             np.testing.assert_allclose(cover, cover[0], rtol=0.1)
             c = centroids(video, spec)
             np.testing.assert_allclose(c[-1] - c[0], np.array([dx, dy]) * spec.speed * (frames - 1), atol=0.25)
+
+
+def test_cross_clips_cross_the_frame_so_the_direction_decides_the_start_and_end_halves():
+    rng = random.Random(11)
+    for frames, height, width in ((8, 32, 32), (17, 32, 32), (9, 64, 48)):
+        for _ in range(40):
+            spec = sample_spec(rng, frames, height, width, layout="cross")
+            dx, dy = MOTION[spec.direction]
+            extent = width if dx else height
+            room = extent - spec.size - 2
+            travel = spec.speed * (frames - 1)
+            assert 0.6 * room - 1e-9 <= travel <= room + 1e-9
+            video = render(spec, frames, height, width)
+            border = np.concatenate([video[:, 0], video[:, -1], video[:, :, 0], video[:, :, -1]], axis=1)
+            assert (border == np.array(BACKGROUNDS[spec.background])).all(), spec
+            c = centroids(video, spec)
+            np.testing.assert_allclose(c[-1] - c[0], np.array([dx, dy]) * travel, atol=0.25)
+            along = (c[:, 0] if dx else c[:, 1]) * (dx or dy)  # position along the motion, growing with it
+            half = extent / 2 * (dx or dy)
+            assert along[0] < half < along[-1], spec  # starts in the half it leaves, ends in the other
+
+
+def test_layouts_are_deterministic_distinct_and_checked():
+    assert LAYOUTS == ("anywhere", "cross")
+    assert [s for s, _ in dataset(4, seed=2)] == [s for s, _ in dataset(4, seed=2, layout="anywhere")]
+    cross = dataset(4, seed=2, layout="cross")
+    assert [s for s, _ in cross] == [s for s, _ in dataset(4, seed=2, layout="cross")]
+    assert [s for s, _ in cross] != [s for s, _ in dataset(4, seed=2)]
+    with pytest.raises(ValueError, match="layout='diagonal' is not known: pass one of anywhere, cross"):
+        dataset(2, seed=0, layout="diagonal")
+    with pytest.raises(ValueError, match="pass one of anywhere, cross"):
+        sample_spec(random.Random(0), layout="diagonal")
 
 
 def test_a_static_clip_repeats_its_first_frame():

@@ -14,7 +14,7 @@ from tools import train
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "latte-mini"
     meta = train.main(["--out", str(out), "--clips", "48", "--vae-steps", "40", "--steps", "60",
-                       "--batch", "4", "--layers", "2", "--seed", "3",
+                       "--batch", "4", "--layers", "2", "--seed", "3", "--layout", "cross", "--curriculum", "20",
                        "--foresight", '{"warmup": 4, "recalculate": 2, "threshold": 1.5}', "--guidance", "3.5"])
     return out, meta
 
@@ -37,7 +37,8 @@ def test_checkpoint_loads_like_a_real_one_and_exports(trained, tmp_path):
     pipe = LattePipeline.from_pretrained(out)
     assert pipe.transformer.config.num_layers == 2
     assert pipe.vae.config.scaling_factor != pytest.approx(0.18215)  # set from the trained latents
-    assert json.loads((out / "training.json").read_text())["args"]["steps"] == 60
+    args = json.loads((out / "training.json").read_text())["args"]
+    assert (args["steps"], args["layout"], args["curriculum"], args["curriculum_skew"]) == (60, "cross", 20, 3.0)
     engines = export(ExportOptions(model="latte", model_path=str(out), out=tmp_path / "e"), progress=False)
     manifest = json.loads((engines / "manifest.json").read_text())
     assert manifest["foresight_defaults"] == {"warmup": 4, "recalculate": 2, "threshold": 1.5}
@@ -64,6 +65,30 @@ def test_timestep_sampling_uniform_or_skewed_to_high_noise():
     assert abs(float(uniform.float().mean()) - 500) < 15
     assert abs(float(skewed.float().mean()) - 2000 / 3) < 15  # E[1 - (1-u)^2] = 2/3
     assert float((skewed >= 700).float().mean()) > 0.5 > float((uniform >= 700).float().mean())
+
+
+def test_curriculum_draws_one_colour_on_one_background_then_every_clip():
+    import torch
+
+    from tools.synthetic import dataset, parse_prompt
+
+    prompts = [spec.prompt for spec, _ in dataset(300, seed=1, layout="cross")]
+    subset = train.curriculum_indices(prompts)
+    inside = {int(i) for i in subset}
+    assert inside == {i for i, p in enumerate(prompts)
+                      if parse_prompt(p)["color"] == "red" and parse_prompt(p)["background"] == "gray"}
+    assert {parse_prompt(prompts[i])["direction"] for i in inside} == {"left", "right", "up", "down"}
+    args = train.parse_args(["--steps", "10", "--curriculum", "4", "--batch", "64", "--timestep-skew", "1.5"])
+    gen = torch.Generator().manual_seed(0)
+    early = [train.draw_clips(step, args, subset, len(prompts), gen) for step in range(4)]
+    late = train.draw_clips(4, args, subset, len(prompts), gen)
+    assert all(int(i) in inside for batch in early for i in batch)
+    assert not all(int(i) in inside for i in late)
+    assert [train.skew_at(s, args) for s in (0, 3, 4, 9)] == [3.0, 3.0, 1.5, 1.5]
+    with pytest.raises(ValueError, match="no clip is .*--curriculum 0"):
+        train.curriculum_indices([p for p in prompts if "gray" not in p])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--steps", "10", "--curriculum", "11"])
 
 
 def test_word_tokenizer_round_trips_through_autotokenizer(tmp_path):
