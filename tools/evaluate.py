@@ -84,12 +84,13 @@ def score_clip(frames: np.ndarray, prompt: str) -> dict:
     distance = np.linalg.norm(video - background, axis=-1)  # (F, H, W)
     mask = distance > MASK_THRESHOLD
 
-    detected_color = None
+    detected_color, object_rgb = None, None
     if mask.any():
         # The object's core: its farther half from the background. Anti-aliased edge pixels are
         # blends towards the background, and in small objects they would pull the median there.
         core = mask & (distance >= np.median(distance[mask]))
-        detected_color = _nearest(np.median(video[core], axis=0), COLORS)
+        object_rgb = np.median(video[core], axis=0)
+        detected_color = _nearest(object_rgb, COLORS)
 
     counts = mask.sum(axis=(1, 2))  # (F,)
     shown = np.flatnonzero(counts >= MIN_OBJECT_PIXELS)
@@ -114,6 +115,7 @@ def score_clip(frames: np.ndarray, prompt: str) -> dict:
         "detected_color": detected_color,
         "detected_direction": direction,
         "detected_background": detected_background,
+        "object_rgb": None if object_rgb is None else [round(float(v), 1) for v in object_rgb],
         "displacement_px": abs(displacement),
         "object_frames": int(len(shown)),
     }

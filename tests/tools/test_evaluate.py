@@ -43,6 +43,7 @@ def test_scorer_reads_every_colour_and_direction(side):
             s = ev.score_clip(render(centred_spec(prompt, size, speed, side), FRAMES, side, side), prompt)
             assert (s["detected_color"], s["detected_direction"]) == (color, direction), (prompt, size, speed, s)
             assert s["color_ok"] and s["direction_ok"] and s["background_ok"]
+            assert s["object_rgb"] == list(map(float, COLORS[color]))  # the core is the pure object colour
             assert s["displacement_px"] == pytest.approx(speed * side / 32 * (FRAMES - 1), abs=0.5 * side / 32)
 
 
@@ -99,6 +100,7 @@ def test_empty_clip_fails_both():
     s = ev.score_clip(empty, prompt)
     assert not s["color_ok"] and not s["direction_ok"] and s["background_ok"]
     assert s["detected_color"] is None and s["detected_direction"] == "none" and s["object_frames"] == 0
+    assert s["object_rgb"] is None
 
 
 def test_object_missing_in_most_frames_has_no_direction():
