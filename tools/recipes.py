@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tools import synthetic
-from tools.train import (TEXT_DIM, curriculum_indices, draw_clips, lr_at, sample_timesteps, skew_at, t5_encoder,
-                         to_unit, word_tokenizer)
+from tools.train import (TEXT_DIM, curriculum_indices, draw_clips, lr_at, sample_timesteps, skew_at, skew_noise,
+                         t5_encoder, to_unit, vae_norm_groups, word_tokenizer)
 
 COG_TEXT_TOKENS = 16  # a domain prompt is 9 words + </s>
 OS_TEXT_TOKENS = 24  # + " aesthetic score: 6.5." (7 tokens)
@@ -101,7 +101,8 @@ def cogvideox(args, clips: np.ndarray, prompts: list[str], log: list):
     torch.manual_seed(args.seed)
     vae = AutoencoderKLCogVideoX(
         down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
-        block_out_channels=(16, 32, 32), latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(16, 32, 32), latent_channels=4, layers_per_block=1,
+        norm_num_groups=vae_norm_groups(args),
         temporal_compression_ratio=4, sample_height=args.size, sample_width=args.size)
     gen = torch.Generator().manual_seed(args.seed + 1)
 
@@ -170,7 +171,8 @@ def opensora(args, clips: np.ndarray, prompts: list[str], log: list):
 
     torch.manual_seed(args.seed)
     config = OpenSoraVAEConfig(spatial_block_out_channels=(32, 64, 64), spatial_layers_per_block=1,
-                               spatial_norm_num_groups=16, temporal_filters=32, temporal_num_res_blocks=1,
+                               spatial_norm_num_groups=vae_norm_groups(args), temporal_filters=32,
+                               temporal_num_res_blocks=1,
                                temporal_channel_multipliers=(1, 2, 2), temporal_downsample=(True, True),
                                temporal_num_groups=8, micro_frame_size=args.frames)
     vae = OpenSoraVAE(config)
@@ -236,8 +238,7 @@ def opensora(args, clips: np.ndarray, prompts: list[str], log: list):
         drop = torch.rand(args.batch, generator=gen) < args.cond_dropout
         x0 = latents[idx]
         noise = torch.randn(x0.shape, generator=gen)
-        u, skew = torch.rand(args.batch, generator=gen), skew_at(step, args)
-        t = (u if skew == 1.0 else 1 - (1 - u) ** skew) * 1000  # rectified-flow time, skewed like sample_timesteps
+        t = skew_noise(torch.rand(args.batch, generator=gen), skew_at(step, args)) * 1000  # rectified-flow time
         s = (t / 1000).view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         y = text_encoder(ids[idx], attention_mask=mask[idx])[0]  # (B, L, C)

@@ -15,7 +15,7 @@ def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("train") / "latte-mini"
     meta = train.main(["--out", str(out), "--clips", "48", "--vae-steps", "40", "--steps", "60",
                        "--batch", "4", "--layers", "2", "--seed", "3", "--layout", "cross", "--curriculum", "20",
-                       "--foresight", '{"warmup": 4, "recalculate": 2, "threshold": 1.5}', "--guidance", "3.5"])
+                       "--vae-norm-groups", "1", "--foresight", '{"warmup": 4, "recalculate": 2, "threshold": 1.5}', "--guidance", "3.5"])
     return out, meta
 
 
@@ -37,6 +37,7 @@ def test_checkpoint_loads_like_a_real_one_and_exports(trained, tmp_path):
     pipe = LattePipeline.from_pretrained(out)
     assert pipe.transformer.config.num_layers == 2
     assert pipe.vae.config.scaling_factor != pytest.approx(0.18215)  # set from the trained latents
+    assert pipe.vae.config.norm_num_groups == 1
     args = json.loads((out / "training.json").read_text())["args"]
     assert (args["steps"], args["layout"], args["curriculum"], args["curriculum_skew"]) == (60, "cross", 20, 3.0)
     engines = export(ExportOptions(model="latte", model_path=str(out), out=tmp_path / "e"), progress=False)
@@ -44,6 +45,28 @@ def test_checkpoint_loads_like_a_real_one_and_exports(trained, tmp_path):
     assert manifest["foresight_defaults"] == {"warmup": 4, "recalculate": 2, "threshold": 1.5}
     assert manifest["pipeline"]["default_guidance"] == 3.5
     assert manifest["shapes"]["frames"]["max"] == 8
+
+
+def test_colour_separation_is_the_latent_mse_between_colours(trained):
+    import dataclasses
+    import random
+
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL
+
+    from tools import synthetic
+
+    out, meta = trained
+    separation = meta["vae_colour_separation"]
+    assert set(separation) == set(synthetic.BACKGROUNDS)
+    assert all(0 < v["min"] <= v["mean"] for v in separation.values())
+    vae = AutoencoderKL.from_pretrained(out / "vae")
+    base = synthetic.sample_spec(random.Random(1), layout="cross")  # the clip colour_separation renders
+    z = {c: vae.encode(train.to_unit(synthetic.render(dataclasses.replace(base, color=c, background="navy"))))
+         .latent_dist.mode() * vae.config.scaling_factor for c in synthetic.COLORS}
+    pairs = [F.mse_loss(z[a], z[b]).item() for i, a in enumerate(z) for b in list(z)[i + 1:]]
+    assert separation["navy"]["mean"] == pytest.approx(sum(pairs) / len(pairs), rel=1e-3, abs=1e-5)
+    assert separation["navy"]["min"] == pytest.approx(min(pairs), rel=1e-3, abs=1e-5)
 
 
 def test_training_is_deterministic_for_a_seed(tmp_path):
@@ -65,6 +88,9 @@ def test_timestep_sampling_uniform_or_skewed_to_high_noise():
     assert abs(float(uniform.float().mean()) - 500) < 15
     assert abs(float(skewed.float().mean()) - 2000 / 3) < 15  # E[1 - (1-u)^2] = 2/3
     assert float((skewed >= 700).float().mean()) > 0.5 > float((uniform >= 700).float().mean())
+    u = torch.tensor([0.0, 0.5, 0.9])
+    assert torch.equal(train.skew_noise(u, 1.0), u)  # the rectified-flow recipe's continuous time
+    assert torch.allclose(train.skew_noise(u, 2.0), torch.tensor([0.0, 0.75, 0.99]))
 
 
 def test_curriculum_draws_one_colour_on_one_background_then_every_clip():
@@ -91,6 +117,14 @@ def test_curriculum_draws_one_colour_on_one_background_then_every_clip():
         train.parse_args(["--steps", "10", "--curriculum", "11"])
 
 
+def test_vae_norm_groups_default_per_model_and_checked():
+    assert [train.vae_norm_groups(train.parse_args(["--model", m])) for m in ("latte", "cogvideox", "opensora")] == \
+        [16, 8, 16]  # what the recorded preset commands were trained with
+    assert train.vae_norm_groups(train.parse_args(["--model", "cogvideox", "--vae-norm-groups", "4"])) == 4
+    with pytest.raises(SystemExit):
+        train.parse_args(["--vae-norm-groups", "0"])
+
+
 def test_word_tokenizer_round_trips_through_autotokenizer(tmp_path):
     from transformers import AutoTokenizer
 
@@ -104,8 +138,8 @@ def test_word_tokenizer_round_trips_through_autotokenizer(tmp_path):
     assert AutoTokenizer.from_pretrained(tmp_path)("a red square").input_ids == tok("a red square").input_ids
 
 
-@pytest.mark.parametrize("model", ["cogvideox", "opensora"])
-def test_other_architectures_train_and_export(model, tmp_path):
+@pytest.mark.parametrize("model, groups", [("cogvideox", 4), ("opensora", 1)])
+def test_other_architectures_train_and_export(model, groups, tmp_path):
     """tools/recipes.py: a short run of each recipe lowers the VAE and transformer losses and saves
     a folder that foresight-export loads through the same path as a released checkpoint."""
     from exporter.export import ExportOptions, export
@@ -113,12 +147,14 @@ def test_other_architectures_train_and_export(model, tmp_path):
     out = tmp_path / model
     meta = train.main(["--model", model, "--out", str(out), "--clips", "48", "--vae-steps", "30", "--vae-batch", "4",
                        "--steps", "60", "--batch", "4", "--layers", "2", "--seed", "3",
-                       "--foresight", '{"warmup": 4, "recalculate": 2, "threshold": 1.5}'])
+                       "--vae-norm-groups", str(groups), "--foresight", '{"warmup": 4, "recalculate": 2, "threshold": 1.5}'])
     vae = [e["recon"] for e in meta["log"] if e["stage"] == "vae"]
     dit = [e["loss"] for e in meta["log"] if e["stage"] == "transformer"]
     assert len(vae) == 30 and len(dit) == 60
     assert statistics.mean(vae[-8:]) < statistics.mean(vae[:8])
     assert statistics.mean(dit[-15:]) < statistics.mean(dit[:15])
+    vae_config = json.loads((out / "vae" / "config.json").read_text())
+    assert vae_config["norm_num_groups" if model == "cogvideox" else "spatial_norm_num_groups"] == groups
     engines = export(ExportOptions(model=model, model_path=str(out), out=tmp_path / "e"), progress=False)
     manifest = json.loads((engines / "manifest.json").read_text())
     assert manifest["foresight_defaults"] == {"warmup": 4, "recalculate": 2, "threshold": 1.5}
