@@ -1,11 +1,13 @@
 """Train the small text-to-video models shipped with the package, on the synthetic domain.
 
-    python tools/train.py --out exporter/presets/latte-tiny            # ~20 min on 2 CPU cores
+    python tools/train.py --out exporter/presets/latte-tiny --steps 6000 --layout cross --curriculum 1200 \
+        --vae-norm-groups 1    # the shipped preset, ~30 min on 2 CPU cores
 
 Two stages, both deterministic for ``--seed``:
 1. A small ``AutoencoderKL`` (4x spatial compression) learns to reconstruct single frames of
    the synthetic moving-shapes clips (``tools/synthetic.py``); its ``scaling_factor`` is set
-   to 1/std of the latents, as diffusers' VAEs are.
+   to 1/std of the latents, as diffusers' VAEs are. ``colour_separation`` then reports how far
+   apart it puts the object colours on each background (``--vae-norm-groups``).
 2. The transformer (diffusers' ``LatteTransformer3DModel``, the architecture class the
    exporter supports) and a small T5 text encoder (a word-level tokenizer of the synthetic
    domain's vocabulary built here, or ByT5's bytes with ``--tokenizer byte``: no downloaded
@@ -322,7 +324,8 @@ def parse_args(argv=None):
     ap.add_argument("--vae-lr", type=float, default=2e-3)
     ap.add_argument("--kl-weight", type=float, default=1e-4)
     ap.add_argument("--vae-norm-groups", type=int, default=None, metavar="G",
-                    help="GroupNorm groups in the VAE (default: latte 16, cogvideox 8, opensora 16). 1 normalises over "
+                    help="GroupNorm groups in the VAE (opensora: its spatial VAE; default: latte 16, cogvideox 8, "
+                         "opensora 16). 1 normalises over "
                          "all channels: with several groups each group's contrast is normalised away, and colours on a "
                          "dark background, brighter than it in every channel, end up nearly alike in the latent "
                          "(black: 19x closer than on gray with 16 groups, 2x with 1)")
