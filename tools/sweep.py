@@ -54,11 +54,12 @@ def adherence(frames, prompt: str) -> tuple[bool, bool]:
     return bool(score["color_ok"]), bool(score["direction_ok"])
 
 
-def adherence_lost(results, refs, prompts) -> int:
-    """Prompts whose colour or direction ``refs`` drew right and ``results`` drew wrong."""
+def adherence_lost(results, wanted: list[tuple[bool, bool]], prompts) -> int:
+    """Prompts whose colour or direction the reference drew right (``wanted``: its ``adherence`` per
+    prompt) and ``results`` drew wrong."""
     lost = 0
-    for r, ref, p in zip(results, refs, prompts):
-        want, got = adherence(ref.frames, p), adherence(r.frames, p)
+    for r, want, p in zip(results, wanted, prompts):
+        got = adherence(r.frames, p)
         lost += any(w and not g for w, g in zip(want, got))
     return lost
 
@@ -66,6 +67,7 @@ def adherence_lost(results, refs, prompts) -> int:
 def sweep(rt, prompts, seed, steps, grid, log=print) -> list[dict]:
     refs = [rt.generate(p, seed=seed + i, num_inference_steps=steps, policy="none") for i, p in enumerate(prompts)]
     base_seconds = sum(r.stats["denoise_seconds"] for r in refs)
+    wanted = [adherence(ref.frames, p) for ref, p in zip(refs, prompts)]  # scored once, not per setting
     rows = []
     for warmup, recalculate, threshold in grid:
         results = [rt.generate(p, seed=seed + i, num_inference_steps=steps, policy="foresight", warmup=warmup,
@@ -77,7 +79,7 @@ def sweep(rt, prompts, seed, steps, grid, log=print) -> list[dict]:
             "skipped_share": statistics.fmean(r.stats["skipped_share"] for r in results),
             "mean_psnr": statistics.fmean(finite) if finite else math.inf,
             "min_psnr": min(psnrs),
-            "adherence_lost": adherence_lost(results, refs, prompts),
+            "adherence_lost": adherence_lost(results, wanted, prompts),
             "speedup": base_seconds / sum(r.stats["denoise_seconds"] for r in results),
         }
         rows.append(row)

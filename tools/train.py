@@ -200,9 +200,8 @@ def colour_separation(vae, scaling: float, frames: int = 8, size: int = 32, seed
     base = synthetic.sample_spec(random.Random(seed), frames=frames, height=size, width=size, layout="cross")
     out = {}
     for background in synthetic.BACKGROUNDS:
-        z = [vae.encode(to_unit(synthetic.render(dataclasses.replace(base, color=c, background=background),
-                                                 frames, size, size))).latent_dist.mode() * scaling
-             for c in synthetic.COLORS]
+        z = encode_clips(vae, np.stack([synthetic.render(dataclasses.replace(base, color=c, background=background),
+                                                         frames, size, size) for c in synthetic.COLORS]), scaling)
         pairs = [F.mse_loss(a, b).item() for i, a in enumerate(z) for b in z[i + 1:]]
         out[background] = {"mean": round(sum(pairs) / len(pairs), 5), "min": round(min(pairs), 5)}
     return out

@@ -43,8 +43,9 @@ def test_adherence_lost_counts_prompts_none_drew_right_and_the_setting_drew_wron
     refs = [clip(right), clip(right), clip(right), clip(wrong_colour)]
     results = [clip(right), clip(wrong_colour), clip(wrong_way), clip(wrong_colour)]
     # prompt 1 loses colour, prompt 2 direction; prompt 3 was already wrong under none: not a loss
-    assert sweep.adherence_lost(results, refs, [prompt] * 4) == 2
-    assert sweep.adherence_lost(refs, refs, [prompt] * 4) == 0
+    wanted = [sweep.adherence(r.frames, prompt) for r in refs]
+    assert sweep.adherence_lost(results, wanted, [prompt] * 4) == 2
+    assert sweep.adherence_lost(refs, wanted, [prompt] * 4) == 0
 
 
 def test_sweep_on_the_preset_writes_rows_pick_and_defaults(engines_copy, tmp_path):
