@@ -8,7 +8,7 @@ from pathlib import Path
 
 from runtime.errors import ForesightError
 
-from .families import FAMILIES
+from .families import families
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,12 +17,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Split a text-to-video DiT into stem, layers and head, export each to ONNX, "
         "validate it against PyTorch and write an engines folder with a manifest.",
     )
-    ap.add_argument("--model", required=True, help=f"model family: {', '.join(FAMILIES)}")
+    ap.add_argument("--model", required=True, help=f"model family: {', '.join(families())}")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model-path", help="diffusers-format checkpoint folder (or hub id when the hub is reachable)")
     src.add_argument("--preset", help="a small checkpoint shipped with the package, e.g. 'tiny'")
     ap.add_argument("--out", type=Path, help="engines folder to write (default engines/<model>-<preset or folder name>)")
-    ap.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace --out if it is an engines folder (anything else is refused)")
+    ap.add_argument("--link-components", action="store_true",
+                    help="hard-link component files (text encoder, VAE, ...) from a checkpoint folder instead of "
+                         "copying them: saves disk, but editing one then edits the other")
     ap.add_argument("--max-scale", type=int, default=2,
                     help="largest supported resolution as a multiple of the model's training size (default 2)")
     ap.add_argument("--tolerance", type=float, default=1e-4, help="max relative error ONNX vs PyTorch (fp32: 1e-4)")
@@ -37,7 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from runtime.outputs import terminate_as_interrupt
+
     args = build_parser().parse_args(argv)
+    with terminate_as_interrupt():  # SIGTERM cleans up the temporary folder like Ctrl-C does
+        return _main(args)
+
+
+def _main(args) -> int:
     from .export import ExportOptions, export
 
     out = args.out
@@ -50,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
             require_tensorrt()  # say what to install before spending minutes on ONNX export
         folder = export(ExportOptions(model=args.model, out=out, model_path=args.model_path, preset=args.preset,
-                                      overwrite=args.overwrite, tolerance=args.tolerance, max_scale=args.max_scale))
+                                      overwrite=args.overwrite, tolerance=args.tolerance, max_scale=args.max_scale,
+                                      link_components=args.link_components))
         if args.backend == "tensorrt":
             from .tensorrt_build import build_engines
 

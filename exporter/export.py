@@ -1,10 +1,14 @@
 """Export a model to a folder of per-part ONNX files plus a manifest.
 
 Build and run meet only through files on disk: this module writes
-``<out>/{stem,layer_NNN,head}.onnx``, the text encoder / tokenizer / VAE / scheduler in
-diffusers layout, and ``manifest.json``. Everything is written to a temporary sibling
-folder and renamed into place at the end, so an interrupted export never leaves a
-manifest that points at missing files.
+``<out>/{stem,layer_NNN,head}.onnx``, the text encoder / tokenizer / VAE / scheduler and the
+transformer's weights (for the torch reference backend) in diffusers layout, and
+``manifest.json`` listing every file with its sha256 (docs/engines-format.md). Everything is
+written to a temporary sibling folder and renamed into place at the end, so an interrupted
+export never leaves a manifest that points at missing files.
+
+What the export may replace: only an engines folder (its manifest says so) or an empty
+folder, and never the checkpoint it reads, a folder that holds it, or the current folder.
 """
 
 from __future__ import annotations
@@ -16,17 +20,17 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import ForesightError
-from runtime.manifest import MANIFEST_NAME, SCHEMA_VERSION, sha256_file
+from runtime.manifest import FORMAT, MANIFEST_NAME, SCHEMA_VERSION, Dims, file_table
+from runtime.outputs import clean_stale, replace_dir, temp_dir
 
 from .families import get_family
-from .families.base import COMPONENTS, model_config_dict, resolve_model_path
+from .families.base import COMPONENTS, SAVED_COMPONENTS, model_config_dict, resolve_model_path
 
 FP32_TOLERANCE = 1e-4
 OPSET = 23
@@ -46,22 +50,15 @@ class ExportOptions:
     tolerance: float = FP32_TOLERANCE
     max_scale: int = 2
     seed: int = 0
+    link_components: bool = False  # hard-link component files from the checkpoint instead of copying
 
 
 def validation_dims(dims_spec: dict) -> list[dict]:
     """Two different shapes inside the built ranges: the opt shape, and a smaller non-square one."""
-    base = {s: v for s, v in dims_spec.items() if "of" not in v}
-    first = {s: v["opt"] for s, v in base.items()}
-    second = {s: max(v["min"], min(v["max"], v["opt"] - 1 if s != "w" else v["opt"] + 1)) for s, v in base.items()}
-    second["B"] = base["B"]["min"]
-    out = []
-    for d in (first, second):
-        full = dict(d)
-        for s, v in dims_spec.items():
-            if "of" in v:
-                full[s] = full[v["of"]] * v["times"]
-        out.append(full)
-    return out
+    dims = Dims.parse(dims_spec)
+    second = {s: max(r.min, min(r.max, r.opt - 1 if s != "w" else r.opt + 1)) for s, r in dims.ranges.items()}
+    second["B"] = dims.ranges["B"].min
+    return [dims.at("opt"), dims.derive(second)]
 
 
 def make_inputs(specs, dims: dict, generator):
@@ -201,11 +198,16 @@ def pipeline_facts(family, model, vae_config: dict, source: str) -> tuple[dict, 
     return foresight, pipeline
 
 
-def save_components(components: dict, out: Path) -> None:
-    for name in COMPONENTS:
+def save_components(components: dict, out: Path, link: bool = False) -> None:
+    """Every component into ``out/<name>`` (the transformer in the dtype it was loaded in)."""
+    from .families.base import FolderComponent
+
+    for name in SAVED_COMPONENTS:
         comp = components[name]
         target = out / name
-        if hasattr(comp, "save_pretrained"):
+        if isinstance(comp, FolderComponent):
+            comp.save_pretrained(target, link=link)
+        elif hasattr(comp, "save_pretrained"):  # diffusers / transformers objects; schedulers have save_config
             comp.save_pretrained(target)
         else:
             comp.save_config(target)
@@ -215,8 +217,6 @@ def part_entry(part, file: Path, validation: list[dict]) -> dict:
     return {
         "name": part.name,
         "file": file.name,
-        "sha256": sha256_file(file),
-        "bytes": file.stat().st_size,
         "inputs": [s.to_dict() for s in part.inputs],
         "outputs": [s.to_dict() for s in part.outputs],
         "validation": validation,
@@ -242,17 +242,6 @@ def carry_engines(old: Path, new: Path, manifest: dict) -> None:
     manifest["tensorrt"] = section
 
 
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first and removed after."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def describe(family, model, vae_config: dict, dims_spec: dict, entries: list[dict], name: str, source: str,
              preset: str | None = None) -> dict:
     """The manifest for a split model: everything but the files' own entries is derived here,
@@ -262,22 +251,18 @@ def describe(family, model, vae_config: dict, dims_spec: dict, entries: list[dic
     from runtime import __version__
 
     foresight, pipeline = pipeline_facts(family, model, vae_config, source)
-    pipeline.update({c: c for c in COMPONENTS})
     px = pipeline["vae_scale_factor"] * pipeline["patch_size"]
-    if hasattr(family, "video_frames"):  # a VAE whose frame count is not 1 + r (F - 1)
-        frames = family.video_frames(dims_spec, pipeline)
-    else:  # the latent frame range F through the VAE's temporal compression r: 1 + r (F - 1)
-        ratio = pipeline.get("vae_scale_factor_temporal", 1)
-        frames = {k: 1 + ratio * (dims_spec["F"][k] - 1) for k in ("min", "opt", "max")}
+    frames = family.video_frames(dims_spec, pipeline)
     return {
         "schema_version": SCHEMA_VERSION,
-        "format": "foresight-engines",
+        "format": FORMAT,
         "name": name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "tool": {"foresight-dit": __version__, "torch": torch.__version__, "opset": OPSET},
         "model": {
             "family": family.name,
             "transformer_class": family.transformer_class,
+            "num_layers": len(entries) - 2,
             "config": model_config_dict(model),
             "source": {"checkpoint": source, "preset": preset},
         },
@@ -296,8 +281,53 @@ def describe(family, model, vae_config: dict, dims_spec: dict, entries: list[dic
         "parts": {"stem": entries[0], "layers": entries[1:-1], "head": entries[-1]},
         "flow": family.flow(model),
         "pipeline": pipeline,
+        "components": {c: c for c in COMPONENTS},
+        "files": {},  # filled by the export once every file is written
         "foresight_defaults": foresight,
     }
+
+
+def is_engines_folder(path: Path) -> bool:
+    """A folder this tool wrote: its manifest names the engines format (any schema version)."""
+    try:
+        return json.loads((path / MANIFEST_NAME).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_out(out: Path, model_path: str, overwrite: bool) -> Path:
+    """Refuse every --out the export could destroy user data with; returns it resolved."""
+    out = Path(out).expanduser().resolve()
+    here = Path.cwd().resolve()
+    if out == here or out in here.parents:
+        raise ExportError(f"--out {out} is the current folder or holds it; pass a new folder, "
+                          f"e.g. --out engines/<name>")
+    source = Path(model_path).expanduser()
+    if source.exists():
+        source = source.resolve()
+        if out == source or source in out.parents or out in source.parents:
+            raise ExportError(f"--out {out} is, is inside, or holds the checkpoint {source}: exporting there would "
+                              f"destroy it; choose an --out outside it")
+    if out.exists():
+        if not out.is_dir():
+            raise ExportError(f"{out} exists and is not a folder: choose another --out")
+        if not overwrite:
+            raise ExportError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
+        if any(out.iterdir()) and not is_engines_folder(out):
+            raise ExportError(f"{out} is not an engines folder (no {MANIFEST_NAME} of format {FORMAT}): "
+                              f"--overwrite replaces only engines folders; choose another --out")
+    if not out.parent.is_dir():
+        raise ExportError(f"the parent folder of --out {out} does not exist: create it first")
+    return out
+
+
+def make_readable(folder: Path) -> None:
+    """Files 0666 and folders 0777 less the umask, as any tool's outputs: savers and mkdtemp
+    make some 0600/0700, which another user of a shared engines folder could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (folder, *folder.rglob("*")):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def export(opts: ExportOptions, progress=True) -> Path:
@@ -307,27 +337,20 @@ def export(opts: ExportOptions, progress=True) -> Path:
 
     family = get_family(opts.model)
     model_path = resolve_model_path(family, opts.model_path, opts.preset)
-    out = Path(opts.out)
-    if out.exists() and not opts.overwrite:
-        raise ExportError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder: choose another --out")
-    if not out.parent.is_dir():
-        raise ExportError(f"the parent folder of --out {out} does not exist: create it first")
-    if not os.access(out.parent, os.W_OK):
-        raise ExportError(f"cannot write to {out.parent}: choose a writable --out")
+    out = check_out(Path(opts.out), model_path, opts.overwrite)
+    clean_stale(out)  # temporaries of exports that were killed
 
     t0 = time.perf_counter()
     loaded = family.load(model_path)
-    model = loaded.transformer.float().eval()
-    parts = family.parts(model)
-    vae_config = family.vae_config(loaded)
-    _, pipeline = pipeline_facts(family, model, vae_config, loaded.source)
-    dims_spec = family.dims(model, pipeline["vae_scale_factor"], opts.max_scale, pipeline=pipeline)
-    generator = torch.Generator().manual_seed(opts.seed)
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_dir(out)
     try:
+        save_components(loaded.components, tmp, link=opts.link_components)  # before the fp32 cast below
+        model = loaded.transformer.float().eval()
+        parts = family.parts(model)
+        vae_config = family.vae_config(loaded)
+        _, pipeline = pipeline_facts(family, model, vae_config, loaded.source)
+        dims_spec = family.dims(model, pipeline["vae_scale_factor"], opts.max_scale, pipeline=pipeline)
+        generator = torch.Generator().manual_seed(opts.seed)
         entries = []
         bar = tqdm(parts, desc="export", unit="part", disable=not progress)
         for part in bar:
@@ -343,21 +366,26 @@ def export(opts: ExportOptions, progress=True) -> Path:
                     f"(limit {opts.tolerance:.0e}); see the per-output errors: {validation}"
                 )
             entries.append(part_entry(part, file, validation))
-        save_components(loaded.components, tmp)
         manifest = describe(family, model, vae_config, dims_spec, entries, name=out.name,
                             source=loaded.source, preset=opts.preset)
-        if hasattr(family, "write_extras"):  # pipeline files that come from the transformer (Open-Sora's null caption)
-            manifest["pipeline"].update(family.write_extras(model, tmp))
+        manifest["pipeline"]["max_steps"] = max_steps(loaded.components["scheduler"])
+        manifest["components"]["transformer"] = "transformer"
+        manifest["components"].update(family.write_extras(model, tmp))  # e.g. Open-Sora's null caption
         manifest["validation"] = {"tolerance": opts.tolerance, "reference": "torch eager fp32",
                                   "runner": "onnxruntime CPU"}
-        manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
         carry_engines(out, tmp, manifest)
+        manifest["files"] = file_table(tmp)
+        manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the folder should be as readable as any other
+        make_readable(tmp)
         replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def max_steps(scheduler) -> int:
+    """The most denoising steps the scheduler can take (its training timesteps)."""
+    config = scheduler.config
+    return int(config.get("num_train_timesteps", config.get("num_timesteps", 1000)))

@@ -17,48 +17,16 @@ import json
 from pathlib import Path
 
 from runtime.errors import BackendError
-from runtime.manifest import MANIFEST_NAME, Manifest, sha256_file
+from runtime.manifest import MANIFEST_NAME, Dims, Part, sha256_file
+from runtime.trt import check_runtime_compat, device_identity, require_tensorrt  # noqa: F401 - re-exported
 
 TIMING_CACHE = "timing.cache"
 
 
-def require_tensorrt():
-    """Import tensorrt and check for a CUDA GPU, or say exactly what to install."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise BackendError(
-            "TensorRT is not installed: on a machine with an NVIDIA GPU run "
-            "pip install 'foresight-dit[tensorrt]' (tensorrt and polygraphy), then re-run with --backend tensorrt; "
-            "without a GPU use --backend onnxruntime"
-        ) from None
-    import torch
-
-    if not torch.cuda.is_available():
-        raise BackendError("TensorRT engines need an NVIDIA GPU and none is visible here: use --backend onnxruntime")
-    return trt
-
-
-def dims_at(dims_spec: dict, which: str) -> dict[str, int]:
-    """Every symbol's value at the profile's min, opt or max (derived symbols follow their base)."""
-    values = {s: v[which] for s, v in dims_spec.items() if "of" not in v}
-    for s, v in dims_spec.items():
-        if "of" in v:
-            values[s] = values[v["of"]] * v["times"]
-    return values
-
-
-def profile_shapes(part: dict, dims_spec: dict) -> dict[str, tuple[tuple, tuple, tuple]]:
+def profile_shapes(part: Part, dims: Dims) -> dict[str, tuple[tuple, tuple, tuple]]:
     """(min, opt, max) shape of every input of a part, from the manifest's symbolic shapes."""
-    at = {w: dims_at(dims_spec, w) for w in ("min", "opt", "max")}
-    return {io["name"]: tuple(Manifest.shape_of(io, at[w]) for w in ("min", "opt", "max")) for io in part["inputs"]}
-
-
-def device_identity() -> dict:
-    import torch
-
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return {"name": props.name, "compute_capability": f"{props.major}.{props.minor}"}
+    at = {w: dims.at(w) for w in ("min", "opt", "max")}
+    return {io.name: tuple(io.shape_at(at[w]) for w in ("min", "opt", "max")) for io in part.inputs}
 
 
 def needs_rebuild(recorded: dict | None, onnx_sha256: str, trt_version: str, device: dict, profile: dict,
@@ -74,20 +42,6 @@ def needs_rebuild(recorded: dict | None, onnx_sha256: str, trt_version: str, dev
     if sha256_file(engine_path) != recorded.get("sha256"):
         return "engine file changed on disk"
     return None
-
-
-def check_runtime_compat(section: dict | None, trt_version: str, device: dict, folder: Path) -> None:
-    """The runtime refuses engines built by another TensorRT or for another GPU."""
-    fix = f"re-export with `foresight-export --backend tensorrt --out {folder} --overwrite` on this machine"
-    if not section:
-        raise BackendError(f"{folder} has no TensorRT engines: {fix}")
-    if section.get("tensorrt_version") != trt_version:
-        raise BackendError(f"engines in {folder} were built with TensorRT {section.get('tensorrt_version')}, "
-                           f"this is {trt_version}: {fix}")
-    if section.get("device", {}).get("compute_capability") != device["compute_capability"]:
-        raise BackendError(f"engines in {folder} were built for compute capability "
-                           f"{section.get('device', {}).get('compute_capability')}, this GPU is "
-                           f"{device['compute_capability']} ({device['name']}): {fix}")
 
 
 def _build_one(trt, logger, onnx_path: Path, shapes: dict, timing_cache, workspace: int | None):
@@ -122,41 +76,45 @@ def build_engines(folder: Path, workspace: int | None = None, progress=True) -> 
     manifest = load_manifest(folder)
     logger = trt.Logger(trt.Logger.WARNING)
     device = device_identity()
-    old = manifest.data.get("tensorrt") or {}
+    old = dict(manifest.tensorrt or {})
     cache_path = folder / TIMING_CACHE
     seed_builder = trt.Builder(logger)
     seed_config = seed_builder.create_builder_config()
     timing_cache = seed_config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
     engines = {}
     for part in tqdm(manifest.all_parts, desc="tensorrt", unit="engine", disable=not progress):
-        onnx_path = folder / part["file"]
+        onnx_path = manifest.path(part.file)
         engine_path = onnx_path.with_suffix(".plan")
-        shapes = profile_shapes(part, manifest.data["dims"])
+        shapes = profile_shapes(part, manifest.dims)
         profile = {k: [list(s) for s in v] for k, v in shapes.items()}
-        recorded = old.get("engines", {}).get(part["name"])
-        reason = needs_rebuild(recorded, part["sha256"], trt.__version__, device, profile, engine_path)
+        recorded = old.get("engines", {}).get(part.name)
+        onnx_sha256 = manifest.files[part.file].sha256
+        reason = needs_rebuild(recorded, onnx_sha256, trt.__version__, device, profile, engine_path)
         if reason is None:
-            engines[part["name"]] = recorded
+            engines[part.name] = recorded
             continue
         plan, timing_cache = _build_one(trt, logger, onnx_path, shapes, timing_cache, workspace)
         engine_path.write_bytes(bytes(plan))
-        engines[part["name"]] = {"file": engine_path.name, "sha256": sha256_file(engine_path),
-                                 "onnx_sha256": part["sha256"], "tensorrt_version": trt.__version__,
-                                 "device": device, "profile": profile, "rebuilt_because": reason}
+        engines[part.name] = {"file": engine_path.name, "sha256": sha256_file(engine_path),
+                              "onnx_sha256": onnx_sha256, "tensorrt_version": trt.__version__,
+                              "device": device, "profile": profile, "rebuilt_because": reason}
     cache_path.write_bytes(bytes(timing_cache.serialize()))
     section = {"tensorrt_version": trt.__version__, "device": device, "timing_cache": TIMING_CACHE,
                "workspace": workspace, "engines": engines}
-    write_manifest_section(folder, "tensorrt", section)
+    write_manifest_section(folder, "tensorrt", section, [e["file"] for e in engines.values()] + [TIMING_CACHE])
     return section
 
 
-def write_manifest_section(folder: Path, key: str, value: dict) -> None:
-    """Replace one top-level manifest entry atomically (temp file + rename)."""
+def write_manifest_section(folder: Path, key: str, value: dict, files: list[str] = ()) -> None:
+    """Replace one top-level manifest entry atomically (temp file + rename), listing ``files``
+    (paths relative to the folder that the section names) with their hashes."""
     from runtime.video import atomic_write
 
     path = folder / MANIFEST_NAME
     data = json.loads(path.read_text())
     data[key] = value
+    for rel in files:
+        data["files"][rel] = {"sha256": sha256_file(folder / rel), "bytes": (folder / rel).stat().st_size}
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
@@ -173,24 +131,23 @@ def validate_engines(folder: Path, seed: int = 0) -> list[dict]:
     from runtime.manifest import load_manifest
 
     manifest = load_manifest(folder)
-    section = manifest.data.get("tensorrt") or {}
-    dims = dims_at(manifest.data["dims"], "opt")
+    section = manifest.tensorrt or {}
+    dims = manifest.dims.at("opt")
     rng = np.random.default_rng(seed)
     rows = []
     for part in manifest.all_parts:
-        engine_file = folder / section["engines"][part["name"]]["file"]
-        feed = {io["name"]: rng.standard_normal(Manifest.shape_of(io, dims)).astype(io["dtype"])
-                for io in part["inputs"]}
+        engine_file = manifest.path(section["engines"][part.name]["file"])
+        feed = {io.name: rng.standard_normal(io.shape_at(dims)).astype(io.dtype) for io in part.inputs}
         runners = [TrtRunner(EngineFromBytes(engine_file.read_bytes())),
-                   OnnxrtRunner(SessionFromOnnx(str(folder / part["file"]), providers=["cpu"]))]
+                   OnnxrtRunner(SessionFromOnnx(str(manifest.path(part.file)), providers=["cpu"]))]
         results = Comparator.run(runners, data_loader=[feed])
         passed = bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(rtol=1e-2, atol=1e-2)))
         (_, trt_out), (_, ort_out) = results.items()
         errors = {}
-        for io in part["outputs"]:
-            a, b = np.asarray(trt_out[0][io["name"]], dtype=np.float64), np.asarray(ort_out[0][io["name"]], dtype=np.float64)
-            errors[io["name"]] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
-        rows.append({"part": part["name"], "max_rel_error": errors, "passed": passed})
-        print(f"  {part['name']:<10} " + "  ".join(f"{k} {v:.2e}" for k, v in errors.items())
+        for io in part.outputs:
+            a, b = np.asarray(trt_out[0][io.name], dtype=np.float64), np.asarray(ort_out[0][io.name], dtype=np.float64)
+            errors[io.name] = float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
+        rows.append({"part": part.name, "max_rel_error": errors, "passed": passed})
+        print(f"  {part.name:<10} " + "  ".join(f"{k} {v:.2e}" for k, v in errors.items())
               + ("" if passed else "  FAILED"))
     return rows

@@ -1,13 +1,28 @@
 """Foresight layer-reuse controller: decides, step by step, which DiT layers run.
 
-Standard library only; it knows nothing about tensors. See
+Standard library only; it knows nothing about tensors. ``policies`` holds each reuse
+policy (its options and its decision rule in one class), ``controller`` the per-generation
+state machine that applies one, and ``trace`` the versioned JSON format its decisions are
+recorded in (``foresight-trace/2``, documented there). See
 shared/reference/foresight-algorithm.md for the algorithm and the reference bugs avoided.
 """
 
-from .config import POLICIES, ConfigError, ForesightConfig, NoneConfig, StaticConfig, make_config
-from .controller import Controller, StepPlan, load_trace, make_controller, trace_to_json
+from .controller import Controller, StepPlan, make_controller
+from .errors import ConfigError
+from .policies import (
+    POLICIES,
+    ControllerState,
+    ForesightConfig,
+    NoneConfig,
+    Policy,
+    StaticConfig,
+    make_config,
+    policy_options,
+)
+from .trace import TRACE_SCHEMA, load_trace, trace_to_json
 
 __all__ = [
-    "POLICIES", "ConfigError", "NoneConfig", "StaticConfig", "ForesightConfig", "make_config",
-    "StepPlan", "Controller", "make_controller", "trace_to_json", "load_trace",
+    "POLICIES", "ConfigError", "Policy", "ControllerState", "NoneConfig", "StaticConfig", "ForesightConfig",
+    "make_config", "policy_options", "StepPlan", "Controller", "make_controller",
+    "TRACE_SCHEMA", "trace_to_json", "load_trace",
 ]

@@ -4,8 +4,12 @@ Every backend implements the same small interface (``run(part, inputs, outputs)`
 writes into the output tensors it is given; it never allocates results of its own. The
 buffers are torch tensors on the runtime's device, so the ONNX Runtime backend binds
 their memory directly (IOBinding) and the torch backend copies its result into them.
-``torch`` is the reference: the same stem/layer/head modules the exporter exported, run
-eagerly.
+``torch`` is the reference: the model code's stem/layer/head modules (:mod:`dit`) over the
+transformer weights the export wrote into the folder, run eagerly. A backend is handed what
+it runs (Polygraphy's loader -> runner): :func:`make_backend` loads, the backend never reaches
+outside the engines folder. Every backend checks at load that each engine's inputs and outputs
+are the ones the manifest lists (names, ranks, dtypes), so a valid file in the wrong slot is
+refused with a message instead of failing mid-generation.
 """
 
 from __future__ import annotations
@@ -21,6 +25,20 @@ from .manifest import Manifest
 
 BACKENDS = ("onnxruntime", "torch", "tensorrt")
 log = logging.getLogger(__name__)
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
+             "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
+
+
+def check_io(part, path, inputs: list[tuple[str, int, str]], outputs: list[tuple[str, int, str]]) -> None:
+    """Refuse an engine whose (name, rank, dtype) inputs or outputs are not the manifest's for ``part``.
+
+    The dtype checked is the exported one: reduced-precision engines take every tensor but the
+    manifest's fixed-dtype ones (timesteps) in the manifest's dtype."""
+    for kind, got, specs in (("inputs", inputs, part.inputs), ("outputs", outputs, part.outputs)):
+        want = [(t.name, len(t.shape), t.dtype) for t in specs]
+        if sorted(got) != sorted(want):
+            raise BackendError(f"{path} is not the engine of {part.name}: its {kind} are {sorted(got)}, the manifest "
+                               f"lists {sorted(want)} (a file in the wrong slot?); re-export the engines folder")
 
 
 class Backend:
@@ -31,8 +49,9 @@ class Backend:
         self.device = torch.device(device)
         self.calls: Counter[str] = Counter()  # part name -> engine calls (test oracle)
         self.loaded = 0  # engines / sessions loaded
+        self._graphs: dict[tuple, object] = {}  # CUDA graphs keyed by part and bound buffers (_graph_key)
         # Dtype of the I/O buffers: compiled engines take what their files were exported in.
-        self.io_dtype = getattr(torch, manifest.data.get("dtype", "float32"))
+        self.io_dtype = getattr(torch, manifest.dtype)
 
     def run(self, part: str, inputs: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         self.calls[part] += 1
@@ -42,6 +61,10 @@ class Backend:
     def denoise_context(self):
         """Process-wide settings for the denoising loop (default: none)."""
         yield
+
+    def forget_buffers(self) -> None:
+        """Buffers the runtime bound may be freed: drop what was keyed on their addresses (CUDA graphs)."""
+        self._graphs.clear()
 
     def _run(self, part, inputs, outputs):  # pragma: no cover - interface
         raise NotImplementedError
@@ -87,12 +110,14 @@ class OnnxRuntimeBackend(Backend):
         opts.add_session_config_entry("session.force_spinning_stop", "1")
         self.sessions = {}
         for part in manifest.all_parts:
+            path = manifest.path(part.file)
             try:
-                self.sessions[part["name"]] = ort.InferenceSession(str(manifest.path(part["file"])), opts, providers=providers)
+                session = ort.InferenceSession(str(path), opts, providers=providers)
             except Exception as exc:  # noqa: BLE001
-                raise BackendError(
-                    f"onnxruntime could not load {manifest.path(part['file'])}: {exc}; re-export the engines folder"
-                ) from exc
+                raise BackendError(f"onnxruntime could not load {path}: {exc}; re-export the engines folder") from None
+            check_io(part, path, [(i.name, len(i.shape), ORT_TYPES.get(i.type, i.type)) for i in session.get_inputs()],
+                     [(o.name, len(o.shape), ORT_TYPES.get(o.type, o.type)) for o in session.get_outputs()])
+            self.sessions[part.name] = session
             self.loaded += 1
         self.bindings = {name: s.io_binding() for name, s in self.sessions.items()}
 
@@ -133,41 +158,25 @@ class OnnxRuntimeBackend(Backend):
 
 
 class TorchBackend(Backend):
-    """Eager PyTorch on the exporter's own part modules: the reference every backend is compared with."""
+    """Eager PyTorch on part modules it is handed (``modules``: part name -> module taking the
+    part's inputs in manifest order): the reference every backend is compared with."""
 
     name = "torch"
 
-    def __init__(self, manifest: Manifest, device: torch.device, checkpoint: str | None = None,
-                 dtype: torch.dtype | str = torch.float32, model=None, cuda_graphs: bool = False):
-        """``model``: an already-built transformer (in-memory runtime); else loaded from the
-        manifest's source checkpoint or ``checkpoint``. ``cuda_graphs``: capture each part
-        once per set of bound buffers and replay it (CUDA only)."""
+    def __init__(self, manifest: Manifest, device: torch.device, modules: dict, dtype: torch.dtype | str = torch.float32,
+                 cuda_graphs: bool = False):
+        """``cuda_graphs``: capture each part once per set of bound buffers and replay it (CUDA only)."""
         super().__init__(manifest, device)
         if cuda_graphs and self.device.type != "cuda":
             raise BackendError("CUDA graphs need --device cuda")
         self.cuda_graphs = cuda_graphs
-        self._graphs: dict[tuple, object] = {}
         self._graph_pool = None
         self.io_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        from exporter.families import get_family
-
-        family = get_family(manifest.data["model"]["family"])
-        source = checkpoint or manifest.data["model"]["source"]["checkpoint"]
-        if model is None:
-            try:
-                model = family.load_transformer(source)
-            except Exception as exc:  # noqa: BLE001
-                raise BackendError(
-                    f"the torch backend needs the source checkpoint {source!r} recorded in the manifest, "
-                    f"which could not be loaded ({exc}); pass the checkpoint folder with --checkpoint"
-                ) from exc
-        model = model.eval().to(self.device, self.io_dtype)
-        parts = family.parts(model)
-        self.modules = {p.name: p.module for p in parts}
-        self.output_names = {p.name: [o.name for o in p.outputs] for p in parts}
-        missing = {p["name"] for p in manifest.all_parts} - self.modules.keys()
+        missing = sorted({p.name for p in manifest.all_parts} - modules.keys())
         if missing:
-            raise BackendError(f"checkpoint {source} has no part(s) {sorted(missing)} listed in the manifest; re-export")
+            raise BackendError(f"the torch backend was handed no module for part(s) {missing}")
+        self.modules = {name: m.eval().to(self.device, self.io_dtype) for name, m in modules.items()}
+        self.output_names = {p.name: p.output_names for p in manifest.all_parts}
         self.loaded = len(self.modules)
 
     def _run(self, part, inputs, outputs):
@@ -209,6 +218,7 @@ class TensorRTBackend(Backend):
     name = "tensorrt"
     TRT_API = ("Logger", "Runtime", "ExecutionContextAllocationStrategy", "TensorIOMode",
                "ICudaEngine.num_io_tensors", "ICudaEngine.get_tensor_name", "ICudaEngine.get_tensor_mode",
+               "ICudaEngine.get_tensor_shape", "ICudaEngine.get_tensor_dtype",
                "ICudaEngine.device_memory_size_v2", "ICudaEngine.create_execution_context",
                "IExecutionContext.set_device_memory", "IExecutionContext.set_input_shape",
                "IExecutionContext.set_tensor_address", "IExecutionContext.execute_async_v3")
@@ -218,25 +228,30 @@ class TensorRTBackend(Backend):
         ``execute_async_v3`` into a CUDA graph and replay that for later calls with the same
         buffers (a failed capture falls back to plain enqueues for that part)."""
         super().__init__(manifest, device)
-        from exporter.tensorrt_build import check_runtime_compat, device_identity, require_tensorrt
+        from .trt import check_runtime_compat, device_identity, require_tensorrt
 
         trt = require_tensorrt()
         if self.device.type != "cuda":
             raise BackendError("the tensorrt backend runs on CUDA only: pass --device cuda")
-        section = manifest.data.get("tensorrt")
+        section = manifest.tensorrt
         check_runtime_compat(section, trt.__version__, device_identity(), manifest.root)
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
         self.engines, self.contexts = {}, {}
         for part in manifest.all_parts:
-            entry = section["engines"].get(part["name"])
+            entry = section["engines"].get(part.name)
             path = manifest.path(entry["file"]) if entry else None
             if path is None or not path.is_file():
-                raise BackendError(f"no TensorRT engine for {part['name']}: re-export with --backend tensorrt")
+                raise BackendError(f"no TensorRT engine for {part.name}: re-export with --backend tensorrt")
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise BackendError(f"TensorRT could not load {path}: re-export with --backend tensorrt")
-            self.engines[part["name"]] = engine
+            ios = [engine.get_tensor_name(k) for k in range(engine.num_io_tensors)]
+            mode = {n: engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT for n in ios}
+            sig = {n: (n, len(engine.get_tensor_shape(n)), TRT_TYPES.get(str(engine.get_tensor_dtype(n)), "?"))
+                   for n in ios}
+            check_io(part, path, [sig[n] for n in ios if mode[n]], [sig[n] for n in ios if not mode[n]])
+            self.engines[part.name] = engine
             self.loaded += 1
         # One scratch allocation for all contexts, sized to the largest requirement.
         size = max(int(e.device_memory_size_v2) for e in self.engines.values())
@@ -248,8 +263,7 @@ class TensorRTBackend(Backend):
             self.contexts[name] = ctx
         # A non-default stream: TensorRT syncs extra on the legacy default stream.
         self.stream = torch.cuda.Stream(device=self.device)
-        self.cuda_graphs = cuda_graphs
-        self._graphs: dict[tuple, object] = {}  # key -> CUDAGraph, or False where capture failed
+        self.cuda_graphs = cuda_graphs  # self._graphs: key -> CUDAGraph, or False where capture failed
 
     @contextlib.contextmanager
     def denoise_context(self):
@@ -294,11 +308,36 @@ class TensorRTBackend(Backend):
             raise BackendError(f"TensorRT failed to enqueue {part}; check the shapes against the engine's profile")
 
 
+TRT_TYPES = {"DataType.FLOAT": "float32", "DataType.HALF": "float16", "DataType.BF16": "bfloat16",
+             "DataType.INT64": "int64", "DataType.INT32": "int32", "DataType.BOOL": "bool"}
+
+
+def load_reference_modules(manifest: Manifest) -> dict:
+    """The torch reference backend's modules: the model code of the manifest's family over the
+    transformer weights the export wrote into the folder (hashed like every other file)."""
+    if "transformer" not in manifest.components:
+        raise BackendError(f"{manifest.root} has no transformer weights, which the torch backend runs: re-export it "
+                           f"with this version of foresight-export, or use --backend onnxruntime")
+    from dit import model_code
+
+    code = model_code(manifest.family)
+    folder = manifest.component("transformer")
+    try:
+        model = code.load_transformer(folder)
+    except Exception as exc:  # noqa: BLE001 - a loader failure becomes one actionable message
+        raise BackendError(f"could not load the transformer weights in {folder} ({exc}); re-export the engines "
+                           f"folder") from None
+    return code.part_modules(model)
+
+
 def make_backend(name: str, manifest: Manifest, device, **kwargs) -> Backend:
+    """Load and start backend ``name``. The torch backend's modules come from the folder unless
+    ``modules`` is given (an in-memory model, e.g. tools/gpu_check.py)."""
     if name == "onnxruntime":
         return OnnxRuntimeBackend(manifest, device, **kwargs)
     if name == "torch":
-        return TorchBackend(manifest, device, **kwargs)
+        modules = kwargs.pop("modules", None) or load_reference_modules(manifest)
+        return TorchBackend(manifest, device, modules, **kwargs)
     if name == "tensorrt":
         return TensorRTBackend(manifest, device, **kwargs)
     raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")

@@ -22,21 +22,20 @@ class BufferPool:
 
         def alloc(specs):
             # The compute dtype applies to every tensor but those the manifest pins (timesteps).
-            return {io["name"]: torch.empty(Manifest.shape_of(io, dims), device=self.device,
-                                            dtype=getattr(torch, io["dtype"]) if io.get("fixed_dtype") else dtype)
+            return {io.name: torch.empty(io.shape_at(dims), device=self.device,
+                                         dtype=getattr(torch, io.dtype) if io.fixed_dtype else dtype)
                     for io in specs}
 
         # Tensors the pipeline computes once per shape (e.g. rotary tables): layers bind them
         # as "pipeline:<name>"; a stem input of the same name is the same buffer.
-        self.shape_in = alloc(manifest.flow.get("pipeline_inputs", []))
-        self.stem_in = alloc([io for io in manifest.stem["inputs"] if io["name"] not in self.shape_in])
-        self.stem_in.update({io["name"]: self.shape_in[io["name"]] for io in manifest.stem["inputs"]
-                             if io["name"] in self.shape_in})
-        self.stem_out = alloc(manifest.stem["outputs"])
-        self.head_out = alloc(manifest.head["outputs"])
-        self.layer_sets = [(alloc(layer["outputs"]), alloc(layer["outputs"])) for layer in manifest.layers]
+        self.shape_in = alloc(manifest.flow.pipeline_inputs)
+        self.stem_in = alloc([io for io in manifest.stem.inputs if io.name not in self.shape_in])
+        self.stem_in.update({n: self.shape_in[n] for n in manifest.stem.input_names if n in self.shape_in})
+        self.stem_out = alloc(manifest.stem.outputs)
+        self.head_out = alloc(manifest.head.outputs)
+        self.layer_sets = [(alloc(layer.outputs), alloc(layer.outputs)) for layer in manifest.layers]
         self.current = [0] * manifest.num_layers
-        self.probes = list(manifest.flow["probes"])
+        self.probes = list(manifest.probes)
         num_layers, num_probes = manifest.num_layers, len(self.probes)
         # stats = [mse of every probe (L*P) | head output finite (1)]: one transfer per step.
         self.stats = torch.zeros(num_layers * num_probes + 1, device=self.device, dtype=torch.float32)

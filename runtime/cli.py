@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from foresight import POLICIES, ConfigError
+from foresight import POLICIES, policy_options
 
-from .errors import ForesightError
+from .errors import ConfigError, ForesightError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--backend", choices=["onnxruntime", "torch", "tensorrt"], default="onnxruntime",
                     help="tensorrt needs engines built with foresight-export --backend tensorrt and a GPU")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    ap.add_argument("--checkpoint", default=None, help="torch backend: the source checkpoint if it moved")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="torch and tensorrt backends on CUDA: capture each part once per buffer set and replay it")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
@@ -53,59 +52,69 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+POLICY_FLAGS = ("warmup", "recalculate", "threshold", "reuse", "period")
+
+
 def policy_overrides(args) -> dict:
-    names = {"foresight": ("warmup", "recalculate", "threshold"), "static": ("warmup", "reuse", "period"), "none": ()}
-    given = {k: getattr(args, k) for k in ("warmup", "recalculate", "threshold", "reuse", "period")
-             if getattr(args, k) is not None}
-    wrong = sorted(set(given) - set(names[args.policy]))
+    """The policy flags given, refused unless the chosen policy takes them (the policy says which)."""
+    takes = policy_options(args.policy)
+    given = {k: getattr(args, k) for k in POLICY_FLAGS if getattr(args, k, None) is not None}
+    wrong = sorted(set(given) - set(takes))
     if wrong:
         raise ConfigError(
             f"--{', --'.join(wrong)} do(es) not apply to --policy {args.policy}; "
-            f"it takes {', '.join('--' + n for n in names[args.policy]) or 'no options'}"
+            f"it takes {', '.join('--' + n for n in takes) or 'no options'}"
         )
     return given
 
 
-def run(args) -> dict:
-    from .video import VIDEO_SUFFIXES, atomic_write, check_output_path, save_frames, write_video
+def run(args, outputs) -> dict:
+    """Generate and stage every output in ``outputs`` (an OutputSet: they appear together on commit)."""
+    from .engine import Runtime, check_request, resolve_device
+    from .manifest import load_manifest
+    from .outputs import check_distinct, check_output_path
+    from .video import VIDEO_SUFFIXES, save_frames, write_video
 
-    # Every output path is checked before any engine is loaded.
-    check_output_path(args.out, VIDEO_SUFFIXES)
-    for extra, suffixes in ((args.stats, (".json",)), (args.heatmap, (".png",)), (args.save_frames, (".npy",))):
-        if extra is not None:
-            check_output_path(extra, suffixes)
+    # Everything a user can get wrong is checked before any engine is loaded.
+    given = {"--out": (args.out, VIDEO_SUFFIXES), "--stats": (args.stats, (".json",)),
+             "--heatmap": (args.heatmap, (".png",)), "--save-frames": (args.save_frames, (".npy",))}
+    given = {flag: v for flag, v in given.items() if v[0] is not None}
+    for path, suffixes in given.values():
+        check_output_path(path, suffixes, engines=args.engines)
+    check_distinct({flag: path for flag, (path, _) in given.items()})
     overrides = policy_overrides(args)
     from foresight import make_config
 
     make_config(args.policy, **overrides)  # validate before the slow load (defaults are filled in later)
-
-    from .engine import Runtime
-
-    if args.backend != "torch" and (args.checkpoint or args.dtype):
-        raise ConfigError("--checkpoint and --dtype apply to --backend torch only; engines keep the precision "
-                          "they were exported in")
+    if args.backend != "torch" and args.dtype:
+        raise ConfigError("--dtype applies to --backend torch only; engines keep the precision they were exported in")
     if args.cuda_graphs and args.backend == "onnxruntime":
         raise ConfigError("--cuda-graphs applies to --backend torch or tensorrt on --device cuda")
-    kwargs = {k: v for k, v in (("checkpoint", args.checkpoint), ("dtype", args.dtype),
-                                ("cuda_graphs", args.cuda_graphs)) if v}
-    runtime = Runtime.load(args.engines, backend=args.backend, device=args.device, **kwargs)
+    device = resolve_device(args.device)
+    manifest = load_manifest(args.engines)
+    request = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames,
+                   height=args.height, width=args.width, num_inference_steps=args.steps,
+                   guidance_scale=args.guidance, seed=args.seed)
+    check_request(manifest, **request)
+    if args.fps is not None and not 0 < args.fps < 1000:
+        raise ConfigError(f"--fps must be in (0, 1000) (got {args.fps})")
+
+    kwargs = {k: v for k, v in (("dtype", args.dtype), ("cuda_graphs", args.cuda_graphs)) if v}
+    runtime = Runtime.load(args.engines, backend=args.backend, device=device, manifest=manifest, **kwargs)
     if args.vae_tiling:
         runtime.parts.enable_vae_tiling()
-    result = runtime.generate(
-        args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=args.height,
-        width=args.width, num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
-        policy=args.policy, progress=not args.quiet, **overrides,
-    )
+    result = runtime.generate(**request, policy=args.policy, progress=not args.quiet, **overrides)
     stats = result.stats
-    write_video(result.frames, args.out, fps=args.fps or runtime.parts.config.get("fps", 8))
+    write_video(result.frames, args.out, fps=args.fps or runtime.parts.config.get("fps", 8), outputs=outputs)
     if args.save_frames:
-        save_frames(result.frames, args.save_frames)
+        save_frames(result.frames, args.save_frames, outputs=outputs)
     if args.heatmap:
         from .heatmap import plot_reuse_heatmap
 
-        plot_reuse_heatmap(result.trace, args.heatmap)
+        plot_reuse_heatmap(result.trace, args.heatmap, outputs=outputs)
     if args.stats:
-        atomic_write(args.stats, lambda p: Path(p).write_text(json.dumps(stats, indent=1) + "\n"))
+        outputs.add(args.stats, lambda p: Path(p).write_text(json.dumps(stats, indent=1, allow_nan=False) + "\n"))
+    outputs.commit()
     total = stats["steps"] * stats["num_layers"]
     print(
         f"{args.out}: {stats['frames']} frames {stats['height']}x{stats['width']}, policy {stats['policy']}, "
@@ -120,14 +129,19 @@ def run(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .outputs import OutputSet, terminate_as_interrupt
+
     args = build_parser().parse_args(argv)
+    outputs = OutputSet()
     try:
-        run(args)
-    except (ForesightError, ConfigError) as exc:
+        with terminate_as_interrupt(), outputs:
+            run(args, outputs)
+    except ForesightError as exc:
         print(f"foresight-run: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("foresight-run: interrupted; no output was written", file=sys.stderr)
+        done = " after the outputs were written" if outputs.committed else "; no output was written"
+        print(f"foresight-run: interrupted{done}", file=sys.stderr)
         return 130
     return 0
 

@@ -4,23 +4,32 @@ Per denoising step: the controller plans (which layers run, which cached output 
 the first of them) before any engine runs; the executor follows the plan exactly, calling
 the stem, the planned suffix of layers and the head; the probe mse values and finite
 checks of the step reach the host in one transfer and go back to the controller.
+
+Thread safety: one ``Runtime`` runs one generation at a time. Concurrent ``generate`` calls
+(threads of a server) are serialised by a lock: each waits for the one before it, and its
+frames equal what a sequential call gives. For parallel generations load one ``Runtime`` per
+worker (each owns its engines and buffers).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from foresight import ForesightConfig, NoneConfig, StaticConfig, make_config, make_controller
+from foresight import Controller, Policy, make_config, policy_options
 
 from .backends import make_backend
 from .buffers import BufferPool
-from .errors import NumericsError, ShapeError
+from .errors import ConfigError, NumericsError, ShapeError
 from .manifest import Manifest, load_manifest
-from .pipeline import PipelineParts, make_pipeline
+from .pipelines import PipelineParts, make_pipeline
 
 
 @dataclass
@@ -31,67 +40,107 @@ class GenerationResult:
     trace: dict = field(repr=False, default_factory=dict)
 
 
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``cpu`` or ``cuda[:N]`` that exists here (default: cuda when available), else a ConfigError."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device {device!r} is not a device: pass cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: the runtime runs on cpu or cuda only")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda: no CUDA GPU is available here (or torch was built without CUDA); "
+                              "pass --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be a whole number in 0..2**64-1 (got {seed!r}); pass e.g. --seed 0")
+    return seed
+
+
 class Runtime:
+    POOL_CACHE_SIZE = 4  # buffer pools kept (one per shape: the text length varies with the prompt)
+
     def __init__(self, manifest: Manifest, backend, parts: PipelineParts, device: torch.device):
         self.manifest = manifest
         self.backend = backend
         self.parts = parts
         self.device = device
-        self._pools: dict[tuple, BufferPool] = {}
+        self._pools: OrderedDict[tuple, BufferPool] = OrderedDict()  # least recently used first
+        self.pools_created = 0  # counters: the pool cache's bound is tested through them
+        self.pools_evicted = 0
+        self._lock = threading.Lock()  # one generation at a time (see the module docstring)
         self.num_layers = manifest.num_layers
-        self.probes = manifest.flow["probes"]
+        self.probes = manifest.probes
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime", device: str | None = None,
-             verify_hashes: bool = True, **backend_kwargs) -> "Runtime":
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        manifest = load_manifest(path, verify_hashes=verify_hashes)
+             verify_hashes: bool = True, manifest: Manifest | None = None, **backend_kwargs) -> "Runtime":
+        """Load the engines folder ``path`` (or an already loaded ``manifest``) on ``backend``."""
+        dev = resolve_device(device)
+        manifest = manifest or load_manifest(path, verify_hashes=verify_hashes)
         engine = make_backend(backend, manifest, dev, **backend_kwargs)
         return cls(manifest, engine, make_pipeline(manifest, dev), dev)
 
     # ---------------------------------------------------------------- shapes
     def resolve_shape(self, frames: int | None, height: int | None, width: int | None) -> tuple[int, int, int]:
-        """Video frames, height and width (defaults filled in), checked against the built ranges."""
-        shapes = self.manifest.data["shapes"]
-        out = []
-        for name, value in (("frames", frames), ("height", height), ("width", width)):
-            spec = shapes[name]
-            value = spec["default"] if value is None else int(value)
-            flag = f"--{name}"
-            if not spec["min"] <= value <= spec["max"]:
-                raise ShapeError(
-                    f"{name}={value} is outside the exported range [{spec['min']}, {spec['max']}]: "
-                    f"pass {flag} within it, or re-export with a larger range (foresight-export --max-scale)"
-                )
-            step = spec.get("multiple_of", 1)
-            if value % step:
-                lo = value - value % step
-                raise ShapeError(
-                    f"{name}={value} is not divisible by {step} (patch size x VAE factor): "
-                    f"pass {flag} {lo if lo >= spec['min'] else lo + step} or {lo + step}"
-                )
-            out.append(value)
-        self.parts.latent_frames(out[0])  # frames the VAE cannot produce fail here, naming the nearest ones
-        return tuple(out)
+        """Video frames, height and width (defaults filled in), checked against the built ranges
+        and the VAE's frame rule (which fails naming the nearest valid frame counts)."""
+        shape = check_shape(self.manifest, frames, height, width)
+        self.parts.latent_frames(shape[0])
+        return shape
 
     def pool(self, dims: dict[str, int]) -> BufferPool:
+        """The buffers for one shape, from a cache of at most ``POOL_CACHE_SIZE`` (least recently used out)."""
         key = tuple(sorted(dims.items()))
-        if key not in self._pools:
-            self._pools[key] = BufferPool(self.manifest, dims, self.device, dtype=self.backend.io_dtype)
+        if key in self._pools:
+            self._pools.move_to_end(key)
+            return self._pools[key]
+        if len(self._pools) >= self.POOL_CACHE_SIZE:
+            self._pools.popitem(last=False)
+            self.pools_evicted += 1
+            self.backend.forget_buffers()  # captured CUDA graphs point into the evicted buffers
+        self._pools[key] = BufferPool(self.manifest, dims, self.device, dtype=self.backend.io_dtype)
+        self.pools_created += 1
         return self._pools[key]
 
     # ---------------------------------------------------------------- policy
-    def make_policy(self, policy=None, **overrides):
-        """A validated policy config: a name (foresight starts from the manifest's defaults) or
-        a config object, with the non-None ``overrides`` applied on top."""
-        if isinstance(policy, (NoneConfig, StaticConfig, ForesightConfig)):
-            name = policy.name
-            values = {k: v for k, v in policy.to_dict().items() if k != "policy"}
-        else:
-            name = policy or "foresight"
-            values = dict(self.manifest.data["foresight_defaults"]) if name == "foresight" else {}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return make_config(name, **values)
+    def make_policy(self, policy=None, **overrides) -> Policy:
+        """A validated policy: a name (foresight starts from the manifest's defaults) or a policy
+        object, with the non-None ``overrides`` applied on top."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if isinstance(policy, Policy):
+            wrong = sorted(set(given) - set(policy_options(policy.name)))
+            if wrong:
+                raise ConfigError(f"{', '.join(wrong)} does not apply to policy {policy.name!r}")
+            return dataclasses.replace(policy, **given) if given else policy
+        if policy is not None and not isinstance(policy, str):
+            raise ConfigError(f"policy must be a name, a Policy or a Controller (got {type(policy).__name__})")
+        name = policy or "foresight"
+        values = dict(self.manifest.foresight_defaults) if name == "foresight" else {}
+        return make_config(name, **{**values, **given})
+
+    def controller(self, policy=None, **overrides) -> Controller:
+        """A fresh controller for one generation; a given ``Controller`` is checked and reset."""
+        if isinstance(policy, Controller):
+            if overrides and any(v is not None for v in overrides.values()):
+                raise ConfigError("policy options apply to a policy name or object, not to a Controller")
+            if (policy.num_layers, policy.num_probes) != (self.num_layers, len(self.probes)):
+                raise ConfigError(f"the controller is for {policy.num_layers} layers x {policy.num_probes} probes; "
+                                  f"these engines have {self.num_layers} x {len(self.probes)}")
+            policy.reset()
+            return policy
+        return Controller(self.make_policy(policy, **overrides), self.num_layers, len(self.probes))
 
     # ---------------------------------------------------------------- generate
     @torch.no_grad()
@@ -99,16 +148,32 @@ class Runtime:
                  height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, seed: int = 0, policy=None, progress: bool = False,
                  decode: bool = True, **policy_overrides) -> GenerationResult:
+        """One video. ``policy``: a name (``none``, ``static``, ``foresight``...), a policy object, or a
+        ``Controller`` (reset here); ``policy_overrides`` set its options (``threshold=...``).
+        Concurrent calls on one Runtime run one after another (see the module docstring)."""
+        with self._lock:
+            return self._generate(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
+                                  guidance_scale, seed, policy, progress, decode, policy_overrides)
+
+    def check_request(self, prompt, negative_prompt=None, num_frames=None, height=None, width=None,
+                      num_inference_steps=None, guidance_scale=None, seed=0) -> dict:
+        """Every generation argument checked against the manifest, defaults filled in; nothing is run.
+        The CLI calls it before any engine loads (through :func:`check_request`)."""
+        return check_request(self.manifest, prompt, negative_prompt, num_frames, height, width, num_inference_steps,
+                             guidance_scale, seed)
+
+    def _generate(self, prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
+                  seed, policy, progress, decode, policy_overrides) -> GenerationResult:
         t_start = time.perf_counter()
-        p = self.parts.config
-        config = self.make_policy(policy, **policy_overrides)
-        frames, height, width = self.resolve_shape(num_frames, height, width)
-        steps = int(p["default_steps"] if num_inference_steps is None else num_inference_steps)
-        if steps < 1:
-            raise ShapeError(f"--steps must be >= 1 (got {steps})")
-        guidance_scale = p["default_guidance"] if guidance_scale is None else float(guidance_scale)
-        negative_prompt = p["default_negative_prompt"] if negative_prompt is None else negative_prompt
+        controller = self.controller(policy, **policy_overrides)
+        config = controller.config
+        req = self.check_request(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
+                                 guidance_scale, seed)
+        self.parts.latent_frames(req["frames"])  # the VAE's frame rule, naming the nearest valid counts
+        frames, height, width, steps = req["frames"], req["height"], req["width"], req["steps"]
+        guidance_scale, negative_prompt = req["guidance_scale"], req["negative_prompt"]
         cfg = guidance_scale > 1.0
+        p = self.parts.config
 
         t0 = time.perf_counter()
         cond = self.parts.encode_prompt(prompt, negative_prompt, cfg)
@@ -118,7 +183,7 @@ class Runtime:
 
         f = p["vae_scale_factor"] * p["patch_size"]
         text_tokens = self.parts.text_tokens(cond)
-        dims = self.manifest.bind_dims(B=2 if cfg else 1, F=self.parts.latent_frames(frames), h=height // f,
+        dims = self.manifest.dims.bind(B=2 if cfg else 1, F=self.parts.latent_frames(frames), h=height // f,
                                        w=width // f, T=text_tokens)
         pool = self.pool(dims)
         pool.reset()
@@ -126,8 +191,7 @@ class Runtime:
             pool.stem_in[name].copy_(value)
         for name, value in self.parts.shape_inputs(dims).items():
             pool.shape_in[name].copy_(value)
-        controller = make_controller(config, self.num_layers, len(self.probes))
-        calls_before = sum(self.backend.calls[layer["name"]] for layer in self.manifest.layers)
+        calls_before = sum(self.backend.calls[layer.name] for layer in self.manifest.layers)
 
         t0 = time.perf_counter()
         bar = None
@@ -154,7 +218,7 @@ class Runtime:
         decode_seconds = time.perf_counter() - t0
 
         summary = controller.summary()
-        calls = sum(self.backend.calls[layer["name"]] for layer in self.manifest.layers) - calls_before
+        calls = sum(self.backend.calls[layer.name] for layer in self.manifest.layers) - calls_before
         stats = {
             "policy": config.name,
             "policy_config": config.to_dict(),
@@ -206,18 +270,19 @@ class Runtime:
         for layer in suspects:
             if not bool(torch.isfinite(pool.cached(layer)[main]).all()):
                 raise NumericsError(
-                    f"layer {layer} ({self.manifest.layers[layer]['name']}) produced NaN/Inf at step {step}: "
+                    f"layer {layer} ({self.manifest.layers[layer].name}) produced NaN/Inf at step {step}: "
                     f"check the engines with foresight-export's validation, the input shapes and the precision"
                 )
         raise NumericsError(f"the head produced NaN/Inf at step {step}: check the inputs and the engines")
 
-    def _resolve(self, source: str, pool: BufferPool, state: dict) -> torch.Tensor:
-        kind, name = source.split(":", 1)
-        if kind == "state":
-            return state[name]
-        if kind == "input":  # a stem input the layers read too (Open-Sora's caption mask)
-            return pool.stem_in[name]
-        return pool.shape_in[name] if kind == "pipeline" else pool.stem_out[name]
+    @staticmethod
+    def _resolve(source, pool: BufferPool, state: dict) -> torch.Tensor:
+        """The buffer a flow :class:`~runtime.manifest.Source` names (resolved at load)."""
+        if source.kind == "state":
+            return state[source.name]
+        if source.kind == "input":  # a stem input the layers read too (Open-Sora's caption mask)
+            return pool.stem_in[source.name]
+        return pool.shape_in[source.name] if source.kind == "pipeline" else pool.stem_out[source.name]
 
     def _run_step(self, plan, pool: BufferPool, controller, step: int) -> torch.Tensor:
         """Execute one planned step; returns the head's output (a buffer, valid until the next step)."""
@@ -226,30 +291,84 @@ class Runtime:
         stats = pool.stats
         backend.run("stem", pool.stem_in, pool.stem_out)
         if plan.source is None:
-            state = {s: pool.stem_out[o] for s, o in flow["state_init"].items()}
+            state = {s: pool.stem_out[o] for s, o in flow.state_init.items()}
         else:
             cached = pool.cached(plan.source[0])
-            state = {s: cached[o] for s, o in flow["layer_state_out"].items()}
+            state = {s: cached[o] for s, o in flow.layer_state_out.items()}
         for layer in plan.computed:
             spec = manifest.layers[layer]
-            inputs = {io["name"]: self._resolve(flow["layer_inputs"][io["name"]], pool, state) for io in spec["inputs"]}
+            inputs = {name: self._resolve(flow.layer_inputs[name], pool, state) for name in spec.input_names}
             out = pool.scratch(layer)
-            backend.run(spec["name"], inputs, out)
+            backend.run(spec.name, inputs, out)
             if plan.measure:
                 old = pool.cached(layer)
                 for k, probe in enumerate(self.probes):
-                    stats[layer * num_probes + k] = torch.mean(torch.square(out[probe] - old[probe]),
-                                                               dtype=torch.float32)
+                    stats[layer * num_probes + k] = probe_mse(out[probe], old[probe])
             pool.commit(layer)
-            state = {s: out[o] for s, o in flow["layer_state_out"].items()}
-        head_inputs = {io["name"]: self._resolve(flow["head_inputs"][io["name"]], pool, state)
-                       for io in manifest.head["inputs"]}
+            state = {s: out[o] for s, o in flow.layer_state_out.items()}
+        head_inputs = {name: self._resolve(flow.head_inputs[name], pool, state) for name in manifest.head.input_names}
         backend.run("head", head_inputs, pool.head_out)
-        result = pool.head_out[flow["head_output"]]
+        result = pool.head_out[flow.head_output]
         stats[-1] = torch.isfinite(result).all()
         host = stats.tolist()  # the step's single device-to-host transfer
         if not host[-1]:
             self._name_non_finite(plan, pool, step)
         if plan.measure:
-            controller.observe([host[l * num_probes:(l + 1) * num_probes] for l in plan.computed])
+            rows = [host[l * num_probes:(l + 1) * num_probes] for l in plan.computed]
+            for layer, row in zip(plan.computed, rows):
+                if not all(math.isfinite(v) for v in row):  # finite outputs, but their change overflowed
+                    raise NumericsError(f"layer {layer} ({manifest.layers[layer].name}): the change of its output "
+                                        f"at step {step} is not finite: check the engines' precision and inputs")
+            controller.observe(rows)
         return result
+
+
+def probe_mse(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """mean((new - old)^2) in fp32: in fp16 the square of a difference above 256 is inf."""
+    if new.dtype != torch.float32:
+        new, old = new.float(), old.float()
+    return torch.mean(torch.square(new - old), dtype=torch.float32)
+
+
+def check_shape(manifest: Manifest, frames, height, width) -> tuple[int, int, int]:
+    """Frames, height and width (defaults filled in) inside the exported ranges and multiples."""
+    out = []
+    for name, value in (("frames", frames), ("height", height), ("width", width)):
+        spec = manifest.shapes[name]
+        value = spec["default"] if value is None else value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be a whole number (got {value!r})")
+        if not spec["min"] <= value <= spec["max"]:
+            raise ShapeError(f"{name}={value} is outside the exported range [{spec['min']}, {spec['max']}]: "
+                             f"pass --{name} within it, or re-export with a larger range (foresight-export --max-scale)")
+        step = spec.get("multiple_of", 1)
+        if value % step:
+            lo = value - value % step
+            raise ShapeError(f"{name}={value} is not divisible by {step} (patch size x VAE factor): "
+                             f"pass --{name} {lo if lo >= spec['min'] else lo + step} or {lo + step}")
+        out.append(value)
+    return tuple(out)
+
+
+def check_request(manifest: Manifest, prompt, negative_prompt=None, num_frames=None, height=None, width=None,
+                  num_inference_steps=None, guidance_scale=None, seed=0) -> dict:
+    """Generation arguments checked against the manifest alone (no engine, no model loaded), with the
+    defaults filled in: ``{prompt, negative_prompt, frames, height, width, steps, guidance_scale, seed}``."""
+    p = manifest.pipeline
+    if not isinstance(prompt, str):
+        raise ConfigError(f"prompt must be a string (got {type(prompt).__name__})")
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        raise ConfigError(f"negative_prompt must be a string (got {type(negative_prompt).__name__})")
+    shape = dict(zip(("frames", "height", "width"), check_shape(manifest, num_frames, height, width)))
+    steps = p["default_steps"] if num_inference_steps is None else num_inference_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= p["max_steps"]:
+        raise ConfigError(f"steps must be a whole number in 1..{p['max_steps']} (the scheduler's training "
+                          f"timesteps; got {steps!r}): pass e.g. --steps {p['default_steps']}")
+    guidance = p["default_guidance"] if guidance_scale is None else guidance_scale
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
+            or guidance < 0:
+        raise ConfigError(f"guidance scale must be a finite number >= 0 (got {guidance!r}); <= 1 disables "
+                          f"classifier-free guidance: pass e.g. --guidance {p['default_guidance']}")
+    return {"prompt": prompt,
+            "negative_prompt": p.get("default_negative_prompt") if negative_prompt is None else negative_prompt,
+            **shape, "steps": steps, "guidance_scale": float(guidance), "seed": check_seed(seed)}

@@ -6,8 +6,11 @@ a traceback. ``assert`` is used only for internal invariants.
 """
 
 
-class ForesightError(Exception):
-    """Base class of every error a user can cause; the message names the fix."""
+from foresight.errors import ConfigError, ForesightError
+from dit.errors import ModelError
+
+__all__ = ["ForesightError", "ConfigError", "ModelError", "ManifestError", "ShapeError", "OutputPathError",
+           "NumericsError", "BackendError"]
 
 
 class ManifestError(ForesightError):
@@ -28,7 +31,3 @@ class NumericsError(ForesightError):
 
 class BackendError(ForesightError):
     """A backend is unavailable or failed to run a part."""
-
-
-class ModelError(ForesightError):
-    """An unknown model family, or a checkpoint folder that cannot be loaded."""

@@ -1,6 +1,6 @@
 """A picture of which layers ran at which denoising step, drawn from a decision trace.
 
-Reads the versioned JSON trace (``foresight-trace/1``) that the controller's decisions are
+Reads the versioned JSON trace (``foresight-trace/2``) that the controller's decisions are
 recorded in; knows nothing about tensors or engines. Layers run down the y axis (layer 0
 at the top), steps along x. Each cell is one of:
 
@@ -19,10 +19,9 @@ import pathlib
 
 import numpy as np
 
+from foresight import TRACE_SCHEMA  # the controller owns the trace format
 from runtime.errors import ForesightError
-from runtime.video import atomic_write, check_output_path
-
-TRACE_SCHEMA = "foresight-trace/1"
+from runtime.outputs import OutputSet, atomic_write, check_output_path
 
 _REUSED_FACE = "#b0b0b0"
 _REUSED_HATCH = "#6e6e6e"
@@ -91,8 +90,9 @@ def _log_norm(mse: np.ndarray):
     return LogNorm(vmin=lo, vmax=hi), lo  # Exact zeros are drawn at the bottom of the scale.
 
 
-def plot_reuse_heatmap(trace: dict, path, title: str | None = None) -> pathlib.Path:
-    """Draw the layer x step reuse map of ``trace`` as a PNG at ``path`` (atomically).
+def plot_reuse_heatmap(trace: dict, path, title: str | None = None, outputs: OutputSet | None = None) -> pathlib.Path:
+    """Draw the layer x step reuse map of ``trace`` as a PNG at ``path`` (atomically, or staged
+    in ``outputs`` to appear when it commits).
 
     ``path`` must end in ``.png``. ``title`` replaces the default first title line; the
     policy and the share of layer calls skipped are always shown. Returns the resolved path.
@@ -185,7 +185,7 @@ def plot_reuse_heatmap(trace: dict, path, title: str | None = None) -> pathlib.P
                  f"({skipped / total:.0%}), {num_layers} layer{'s' * (num_layers != 1)} x {num_steps} step{'s' * (num_steps != 1)}"
                  + ("" if measured else ", no mse measured"), fontsize="medium")
 
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), outputs)
 
 
 def _step_label(labels: list, v: float) -> str:

@@ -1,9 +1,10 @@
-"""Writing generated frames to disk: video files, raw frames, and the atomic write under both.
+"""Writing generated frames to disk: video files and raw frames.
 
-Every output goes through :func:`atomic_write`, so an interrupted or failed run never
-leaves a half-written file where the user asked for one. The CLI calls
-:func:`check_output_path` before loading any engine, so a typo in ``--out`` costs
-milliseconds, not a generation.
+Every output is written through a temporary file (:mod:`runtime.outputs`), so an
+interrupted or failed run never leaves a half-written file where the user asked for one;
+pass ``outputs=`` (an :class:`~runtime.outputs.OutputSet`) to have a file appear only
+together with the run's other outputs. The CLI calls :func:`check_output_path` before
+loading any engine, so a typo in ``--out`` costs milliseconds, not a generation.
 
 Formats are picked by extension:
 
@@ -21,14 +22,13 @@ Raw frames (``--save-frames frames.npy``) are written by :func:`save_frames`.
 
 from __future__ import annotations
 
-import os
 import pathlib
-import tempfile
-from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from runtime.errors import ForesightError, OutputPathError
+from runtime.errors import ForesightError
+# atomic_write and check_output_path are imported from here by the CLI, heatmap and tools.
+from runtime.outputs import OutputSet, atomic_write, check_output_path
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 _MP4_QUALITY = 7  # imageio-ffmpeg maps quality q to CRF int((1 - q/10) * 51): 7 -> CRF 15.
@@ -36,83 +36,6 @@ _MP4_QUALITY = 7  # imageio-ffmpeg maps quality q to CRF int((1 - q/10) * 51): 7
 
 class FramesError(ForesightError, ValueError):
     """Frames handed to a writer are not a uint8 (F, H, W, 3) array."""
-
-
-def check_output_path(path, suffixes: Iterable[str] | None = None) -> pathlib.Path:
-    """Resolve ``path`` and prove a file can be created there, before any expensive work.
-
-    Raises OutputPathError when the path is a directory, its parent folder is missing or
-    not a folder, the folder is not writable (checked with ``os.access`` and by actually
-    creating and removing a probe file, which also catches root on read-only mounts),
-    or, when ``suffixes`` is given, the extension is not one of them (case-insensitive).
-    """
-    path = pathlib.Path(path).expanduser().resolve()
-    if path.is_dir():
-        raise OutputPathError(f"{path} is a directory; give a file name such as {path / 'out.mp4'}")
-    if suffixes is not None:
-        suffixes = tuple(s.lower() for s in suffixes)
-        if path.suffix.lower() not in suffixes:
-            raise OutputPathError(
-                f"{path}: unsupported extension {path.suffix or '(none)'!r}; "
-                f"use one of {', '.join(suffixes)}"
-            )
-    parent = path.parent
-    if not parent.exists():
-        raise OutputPathError(f"folder {parent} does not exist; create it first or choose another --out")
-    if not parent.is_dir():
-        raise OutputPathError(f"{parent} is not a folder; choose another --out")
-    not_writable = f"folder {parent} is not writable; fix its permissions or choose another --out"
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputPathError(not_writable)
-    try:
-        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.probe-")
-    except OSError as e:
-        raise OutputPathError(f"{not_writable} ({e.strerror})") from e
-    os.close(fd)
-    os.unlink(probe)
-    return path
-
-
-def _default_file_mode() -> int:
-    # mkstemp creates 0600 files; give the final file the mode open() would have.
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write(path, write_fn: Callable[[pathlib.Path], object]) -> pathlib.Path:
-    """Call ``write_fn(tmp_path)`` on a temporary file beside ``path``, then move it into place.
-
-    The temporary file keeps ``path``'s suffix (``.out.mp4.tmp-XXXX.mp4``) so writers that
-    pick a format by extension work. It is fsynced and ``os.replace``d over ``path``; on any
-    exception (KeyboardInterrupt included) it is removed and the exception re-raised, so
-    ``path`` is either the complete new file or untouched. Returns the resolved path.
-    """
-    path = pathlib.Path(path).expanduser().resolve()
-    try:
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-", suffix=path.suffix)
-    except OSError as e:
-        raise OutputPathError(f"cannot create a file in {path.parent} ({e.strerror}); choose another --out") from e
-    os.close(fd)
-    tmp = pathlib.Path(tmp_name)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _default_file_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # Make the rename itself durable; not every filesystem lets a folder be fsynced.
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
 
 
 def _check_frames(frames) -> np.ndarray:
@@ -163,22 +86,24 @@ def _write_gif(frames: np.ndarray, tmp: pathlib.Path, fps: float) -> None:
     iio.imwrite(tmp, frames, extension=".gif", plugin="pillow", duration=1000.0 / fps, loop=0)
 
 
-def write_video(frames: np.ndarray, path, fps: float = 8) -> pathlib.Path:
+def write_video(frames: np.ndarray, path, fps: float = 8, outputs: OutputSet | None = None) -> pathlib.Path:
     """Write uint8 ``frames`` of shape (F, H, W, 3) as a ``.mp4`` or ``.gif`` at ``path``.
 
     The format follows the extension (see the module docstring for codec details and the
-    odd-size padding of mp4). Written atomically; returns the resolved path.
+    odd-size padding of mp4). Written atomically, or staged in ``outputs`` (in place only
+    once it commits); returns the resolved path.
     """
     path = check_output_path(path, VIDEO_SUFFIXES)
     frames = _check_frames(frames)
     if not fps > 0:
         raise FramesError(f"fps must be positive, got {fps}; pass e.g. fps=8")
     writer = {".mp4": _write_mp4, ".gif": _write_gif}[path.suffix.lower()]
-    return atomic_write(path, lambda tmp: writer(frames, tmp, fps))
+    return atomic_write(path, lambda tmp: writer(frames, tmp, fps), outputs)
 
 
-def save_frames(frames: np.ndarray, path) -> pathlib.Path:
-    """Save ``frames`` losslessly with ``np.save`` (for ``--save-frames frames.npy``), atomically.
+def save_frames(frames: np.ndarray, path, outputs: OutputSet | None = None) -> pathlib.Path:
+    """Save ``frames`` losslessly with ``np.save`` (for ``--save-frames frames.npy``), atomically
+    or staged in ``outputs``.
 
     The file is written exactly at ``path``; ``np.save`` does not append ``.npy`` here.
     """
@@ -189,4 +114,4 @@ def save_frames(frames: np.ndarray, path) -> pathlib.Path:
         with open(tmp, "wb") as f:
             np.save(f, frames, allow_pickle=False)
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, outputs)

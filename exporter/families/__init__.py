@@ -1,29 +1,33 @@
 """Per-model registry: one module per model family says how the model splits into parts.
 
-A family object knows how to load a checkpoint, cut the transformer into a stem, a list of
-layers and a head, describe each part's inputs/outputs with symbolic shapes, and say what
-flows between parts and which layer outputs are Foresight probes. Nothing else in the
-exporter is model-specific; the runtime sees only what the family wrote to the manifest.
+Every module of this package (but ``base``) defines one :class:`~.base.Family` subclass, which
+registers itself; :func:`get_family` imports them all once, so adding a model is adding a
+module. Nothing else in the exporter is model-specific; the runtime sees only what the family
+wrote to the manifest.
 """
 
 from __future__ import annotations
 
-from runtime.errors import ModelError
+import importlib
+import pkgutil
+
+from dit.errors import ModelError
+
+from .base import Family
 
 
-def get_family(name: str):
-    """Return the family object for ``name`` (e.g. ``"latte"``)."""
-    from . import cogvideox, latte_family, opensora
-
-    families = {"latte": latte_family.LatteFamily, "cogvideox": cogvideox.CogVideoXFamily,
-                "opensora": opensora.OpenSoraFamily}
-    try:
-        return families[name]()
-    except KeyError:
-        raise ModelError(
-            f"unknown model {name!r}: supported models are {', '.join(sorted(families))}; "
-            f"pass one of them to --model"
-        ) from None
+def families() -> dict[str, type[Family]]:
+    """``{name: Family subclass}`` for every family module of this package."""
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
+    return dict(sorted(Family.registry.items()))
 
 
-FAMILIES = ("latte", "cogvideox", "opensora")
+def get_family(name: str) -> Family:
+    """The family object for ``name`` (e.g. ``"latte"``)."""
+    registry = families()
+    if name not in registry:
+        raise ModelError(f"unknown model {name!r}: supported models are {', '.join(registry)}; "
+                         f"pass one of them to --model")
+    return registry[name]()

@@ -1,4 +1,11 @@
-"""What a family hands the exporter: parts with symbolic I/O, and checkpoint loading."""
+"""The family protocol: what one model family hands the exporter.
+
+A family is a subclass of :class:`Family` in its own module of this package; subclassing
+registers it under its ``name`` (the registry is derived, never a list kept by hand). It loads
+a checkpoint, cuts the transformer into parts with symbolic I/O (the part modules themselves
+are model code in :mod:`dit`, which the runtime's reference backend runs too), and states the
+dims, the flow between parts and the pipeline facts the manifest records.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +15,12 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.errors import ModelError
+from dit.errors import ModelError
 
 COMPONENTS = ("text_encoder", "tokenizer", "vae", "scheduler")
+# Saved into the engines folder too: the transformer's weights, which only the torch reference
+# backend reads (the runtime never reads the source checkpoint).
+SAVED_COMPONENTS = (*COMPONENTS, "transformer")
 
 
 @dataclass
@@ -53,7 +63,11 @@ def grid_dims(frames: tuple[int, int, int], grid_max: int, text_max: int, patch:
 
 class FolderComponent:
     """A pipeline component kept as the files of its checkpoint subfolder: exporting copies the
-    folder (hard links where the file system allows) instead of loading and re-saving it."""
+    folder instead of loading and re-saving it. Files are copied, never hard-linked, unless
+    ``link`` is set (``foresight-export --link-components``): a linked engines folder shares its
+    files with the checkpoint, so editing one edits the other."""
+
+    link = False
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
@@ -62,14 +76,14 @@ class FolderComponent:
             config = self.folder / "scheduler_config.json"
         self.config = json.loads(config.read_text()) if config.is_file() else {}
 
-    def save_pretrained(self, target) -> None:
+    def save_pretrained(self, target, link: bool = False) -> None:
         def link_or_copy(src, dst):
             try:
                 os.link(src, dst)
             except OSError:
                 shutil.copy2(src, dst)
 
-        shutil.copytree(self.folder, target, copy_function=link_or_copy)
+        shutil.copytree(self.folder, target, copy_function=link_or_copy if link else shutil.copy2)
 
 
 def model_config_dict(model) -> dict:
@@ -79,15 +93,59 @@ def model_config_dict(model) -> dict:
     return json.loads(json.dumps(cfg, default=str))
 
 
-def vae_config_of(loaded: "LoadedModel") -> dict:
-    return dict(loaded.components["vae"].config)
-
-
 @dataclass
 class LoadedModel:
     transformer: object
     source: str
-    components: dict  # name -> object with save_pretrained (text_encoder, tokenizer, vae, scheduler)
+    components: dict  # name -> object with save_pretrained (text_encoder, tokenizer, vae, scheduler, transformer)
+
+
+class Family:
+    """One model family. Subclasses set the class attributes and implement the methods that
+    raise here; the others have defaults that fit most families."""
+
+    name: str  # the --model value and the manifest's model.family
+    pipeline_class: str  # the reference pipeline (the oracle), e.g. "LattePipeline"
+    transformer_class: str
+    hub_example: str  # named in messages about incomplete checkpoints
+    presets: dict  # preset name -> shipped checkpoint folder
+    registry: dict[str, type["Family"]] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Family.registry[cls.name] = cls
+
+    # -- to implement
+    def load(self, model_path: str) -> LoadedModel:
+        raise NotImplementedError
+
+    def parts(self, model) -> list[PartSpec]:
+        raise NotImplementedError
+
+    def dims(self, model, vae_scale_factor: int, max_scale: int = 2, pipeline: dict | None = None) -> dict:
+        raise NotImplementedError
+
+    def flow(self, model) -> dict:
+        raise NotImplementedError
+
+    def pipeline(self, model, vae_config: dict) -> dict:
+        raise NotImplementedError
+
+    def foresight_defaults(self) -> dict:
+        raise NotImplementedError
+
+    # -- defaults
+    def vae_config(self, loaded: LoadedModel) -> dict:
+        return dict(loaded.components["vae"].config)
+
+    def video_frames(self, dims_spec: dict, pipeline: dict) -> dict:
+        """Video frames per latent frame range F through the VAE's temporal compression r: 1 + r (F - 1)."""
+        ratio = pipeline.get("vae_scale_factor_temporal", 1)
+        return {k: 1 + ratio * (dims_spec["F"][k] - 1) for k in ("min", "opt", "max")}
+
+    def write_extras(self, model, folder: Path) -> dict:
+        """Pipeline files that come from the transformer (``{component name: file}``); none by default."""
+        return {}
 
 
 def resolve_model_path(family, model_path: str | None, preset: str | None) -> str:
@@ -131,7 +189,7 @@ def load_components(family, model_path: str, transformer_cls) -> LoadedModel:
 
             model_index = json.loads(Path(hf_hub_download(model_path, "model_index.json")).read_text())
         transformer = transformer_cls.from_pretrained(model_path, subfolder="transformer").eval()
-        components = {}
+        components = {"transformer": transformer}
         for name in COMPONENTS:
             library, cls_name = model_index[name]
             module = diffusers if library == "diffusers" else transformers

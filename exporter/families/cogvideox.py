@@ -19,74 +19,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from runtime.errors import ModelError
+from dit import cogvideox as model_code
+from dit.errors import ModelError
 
-from .base import IOSpec, PartSpec, grid_dims, load_components, vae_config_of
-
-
-def _tokens(x):  # (B, F, h, w, D) -> (B, F*h*w, D)
-    return x.flatten(1, 3)
-
-
-def _grid(x, like):  # (B, F*h*w, D) -> like's (B, F, h, w, D)
-    return x.reshape(like.shape[0], like.shape[1], like.shape[2], like.shape[3], x.shape[-1])
-
-
-class CogVideoXStem(nn.Module):
-    """Timestep embedding, text projection and patch embedding (text and video tokens apart);
-    with ``pos_embedding`` (sin-cos configurations) the table is added to the video tokens."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.time_proj, self.time_embedding = model.time_proj, model.time_embedding
-        self.text_proj, self.proj = model.patch_embed.text_proj, model.patch_embed.proj
-        self.patch_size = model.config.patch_size
-
-    def forward(self, latents, timestep, encoder_hidden_states, pos_embedding=None):
-        b, f, c, hh, ww = latents.shape
-        emb = self.time_embedding(self.time_proj(timestep).to(latents.dtype))
-        text = self.text_proj(encoder_hidden_states)  # (B, T, D)
-        video = self.proj(latents.reshape(b * f, c, hh, ww))  # (B*F, D, h, w)
-        video = video.reshape(b, f, video.shape[1], video.shape[2], video.shape[3]).permute(0, 1, 3, 4, 2)
-        if pos_embedding is not None:
-            # diffusers adds a joint table whose text rows are zero: text + 0 is text, exactly.
-            video = video + pos_embedding.to(video.dtype)
-        return video, text, emb  # video (B, F, h, w, D)
-
-
-class CogVideoXLayer(nn.Module):
-    """One ``CogVideoXBlock``: ``(hidden, text)`` in, ``(hidden_out, text_out)`` out; the rotary
-    tables are inputs in rotary configurations only."""
-
-    def __init__(self, model, index: int):
-        super().__init__()
-        self.block = model.transformer_blocks[index]
-
-    def forward(self, hidden, text, temb, rotary_cos=None, rotary_sin=None):
-        rotary = None
-        if rotary_cos is not None:
-            rotary = (rotary_cos.flatten(0, 2), rotary_sin.flatten(0, 2))  # (F*h*w, head_dim)
-        video, text = self.block(hidden_states=_tokens(hidden), encoder_hidden_states=text, temb=temb,
-                                 image_rotary_emb=rotary)
-        return _grid(video, hidden), text
-
-
-class CogVideoXHead(nn.Module):
-    """Final norms, projection and unpatchify to ``(B, F, C_out, H, W)``."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.norm_final, self.norm_out, self.proj_out = model.norm_final, model.norm_out, model.proj_out
-        self.patch_size = model.config.patch_size
-
-    def forward(self, hidden, temb):
-        b, f, h, w, _ = hidden.shape
-        p = self.patch_size
-        x = self.proj_out(self.norm_out(self.norm_final(_tokens(hidden)), temb=temb))  # (B, N, p*p*C)
-        x = x.reshape(b, f, h, w, -1, p, p)
-        return x.permute(0, 1, 4, 2, 5, 3, 6).flatten(5, 6).flatten(3, 4)
+from .base import Family, IOSpec, PartSpec, grid_dims, load_components
 
 
 def check_supported(cfg) -> None:
@@ -100,6 +37,7 @@ def check_supported(cfg) -> None:
 def parts(model) -> list[PartSpec]:
     cfg = model.config
     check_supported(cfg)
+    modules = model_code.part_modules(model)
     rotary_config = cfg.use_rotary_positional_embeddings
     d = cfg.num_attention_heads * cfg.attention_head_dim
     e, c_in, c_out = cfg.time_embed_dim, cfg.in_channels, cfg.out_channels
@@ -108,14 +46,14 @@ def parts(model) -> list[PartSpec]:
     stem_inputs = [IOSpec("latents", ["B", "F", c_in, "H", "W"]),
                    IOSpec("timestep", ["B"], low=0.0, high=1000.0, fixed_dtype=True),
                    IOSpec("encoder_hidden_states", ["B", "T", cfg.text_embed_dim])]
-    stem = PartSpec("stem", CogVideoXStem(model), inputs=stem_inputs + ([] if rotary_config else shape_inputs),
+    stem = PartSpec("stem", modules["stem"], inputs=stem_inputs + ([] if rotary_config else shape_inputs),
                     outputs=[IOSpec("hidden", hidden), IOSpec("text", text), IOSpec("temb", ["B", e])])
-    layers = [PartSpec(f"layer_{i:03d}", CogVideoXLayer(model, i),
+    layers = [PartSpec(f"layer_{i:03d}", modules[f"layer_{i:03d}"],
                        inputs=[IOSpec("hidden", hidden), IOSpec("text", text), IOSpec("temb", ["B", e]),
                                *(shape_inputs if rotary_config else [])],
                        outputs=[IOSpec("hidden_out", hidden), IOSpec("text_out", text)])
               for i in range(cfg.num_layers)]
-    head = PartSpec("head", CogVideoXHead(model), inputs=[IOSpec("hidden", hidden), IOSpec("temb", ["B", e])],
+    head = PartSpec("head", modules["head"], inputs=[IOSpec("hidden", hidden), IOSpec("temb", ["B", e])],
                     outputs=[IOSpec("noise_pred", ["B", "F", c_out, "H", "W"])])
     return [stem, *layers, head]
 
@@ -152,7 +90,7 @@ PRESETS = {"tiny": Path(__file__).resolve().parent.parent / "presets" / "cogvide
            "tiny-5b": Path(__file__).resolve().parent.parent / "presets" / "cogvideox-tiny-5b"}
 
 
-class CogVideoXFamily:
+class CogVideoXFamily(Family):
     """CogVideoX 1.0 text-to-video (2B sin-cos, 5B rotary) in the registry."""
 
     name = "cogvideox"
@@ -160,7 +98,6 @@ class CogVideoXFamily:
     transformer_class = "CogVideoXTransformer3DModel"
     hub_example = "THUDM/CogVideoX-2b"
     presets = PRESETS
-    vae_config = staticmethod(vae_config_of)
 
     def load(self, model_path: str):
         from diffusers import CogVideoXTransformer3DModel
@@ -171,11 +108,6 @@ class CogVideoXFamily:
         except NotImplementedError as exc:
             raise ModelError(f"{model_path}: {exc}") from None
         return loaded
-
-    def load_transformer(self, source: str):
-        from diffusers import CogVideoXTransformer3DModel
-
-        return CogVideoXTransformer3DModel.from_pretrained(source, subfolder="transformer")
 
     def parts(self, model) -> list[PartSpec]:
         return parts(model)

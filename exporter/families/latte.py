@@ -1,117 +1,106 @@
-"""Latte (diffusers ``LatteTransformer3DModel``) split into stem, layers and head.
-
-Between parts the hidden state travels as ``(B, F, h, w, D)``: batch (CFG doubles it),
-frames, token grid rows/cols, hidden size. Keeping h and w as separate axes lets every
-part export with independent dynamic dims and lets the head unpatchify without knowing
-the resolution from elsewhere. Every module below reproduces
-``LatteTransformer3DModel.forward`` exactly, op for op, on its slice of the model, for
-2 <= frames <= video_length (diffusers skips the temporal position table at F == 1 and
-fails for other F; we slice the table, and the exported range starts at F = 2).
-"""
+"""Latte (diffusers ``LatteTransformer3DModel``) in the registry: loading, the part list with
+symbolic I/O, dims, flow and pipeline facts. The part modules are :mod:`dit.latte`."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-from diffusers.models.embeddings import get_2d_sincos_pos_embed
+from pathlib import Path
+
+from dit import latte as model_code
+
+from .base import Family, IOSpec, PartSpec, load_components
+
+PRESETS = {"tiny": Path(__file__).resolve().parent.parent / "presets" / "latte-tiny"}
+
+# Latte-1's pipeline: T5 prompts of at most 120 tokens, truncated to the prompt's length.
+MAX_TEXT_LENGTH = 120
 
 
-def repeat_rows(x: torch.Tensor, repeats) -> torch.Tensor:
-    """``x.repeat_interleave(repeats, dim=0)`` written as expand + reshape.
+class LatteFamily(Family):
+    name = "latte"
+    pipeline_class = "LattePipeline"
+    transformer_class = "LatteTransformer3DModel"
+    hub_example = "maxin-cn/Latte-1"
+    presets = PRESETS
 
-    Same values; the ONNX exporter lowers repeat_interleave with a fixed trailing shape,
-    which breaks dynamic dims, while expand + reshape stays symbolic.
-    """
-    return x.unsqueeze(1).expand(x.shape[0], repeats, *x.shape[1:]).reshape(-1, *x.shape[1:])
+    def load(self, model_path: str):
+        from diffusers import LatteTransformer3DModel
 
+        return load_components(self, model_path, LatteTransformer3DModel)
 
-class LatteStem(nn.Module):
-    """Patch + 2D sincos position embedding, adaLN-single timestep embedding, caption projection."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.proj = model.pos_embed.proj
-        self.base_size = model.pos_embed.base_size
-        self.interpolation_scale = model.pos_embed.interpolation_scale
-        self.patch_size = model.config.patch_size
-        self.adaln_single = model.adaln_single
-        self.caption_projection = model.caption_projection
-
-    def forward(self, latents, timestep, encoder_hidden_states):
-        b, c, f, H, W = latents.shape
-        h, w = H // self.patch_size, W // self.patch_size
-        x = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, H, W)  # (B*F, C, H, W)
-        x = self.proj(x).flatten(2).transpose(1, 2)  # (B*F, h*w, D)
-        # diffusers recomputes this table whenever (h, w) differs from the training size and
-        # uses a precomputed copy of the same function's output otherwise: always computing
-        # it gives the same numbers and keeps h and w dynamic in the exported graph.
-        pos = get_2d_sincos_pos_embed(
-            x.shape[-1], (h, w), base_size=self.base_size,
-            interpolation_scale=self.interpolation_scale, device=x.device, output_type="pt",
+    def parts(self, model) -> list[PartSpec]:
+        cfg = model.config
+        modules = model_code.part_modules(model)
+        d = cfg.num_attention_heads * cfg.attention_head_dim
+        c_in, c_out, c_text = cfg.in_channels, model.out_channels, cfg.caption_channels
+        hidden = ["B", "F", "h", "w", d]
+        stem = PartSpec(
+            "stem", modules["stem"],
+            inputs=[IOSpec("latents", ["B", c_in, "F", "H", "W"]),
+                    IOSpec("timestep", ["B"], low=0.0, high=float(cfg.num_embeds_ada_norm or 1000),
+                           fixed_dtype=True),
+                    IOSpec("encoder_hidden_states", ["B", "T", c_text])],
+            outputs=[IOSpec("hidden", hidden), IOSpec("temb", ["B", 6 * d]),
+                     IOSpec("embedded_timestep", ["B", d]), IOSpec("text", ["B", "T", d])],
         )
-        # diffusers adds its table in the model's dtype (a buffer cast with the model): the same rounding here.
-        x = x + pos.to(x.dtype).unsqueeze(0)
-        temb, embedded_timestep = self.adaln_single(
-            timestep, added_cond_kwargs={"resolution": None, "aspect_ratio": None},
-            batch_size=b, hidden_dtype=x.dtype,
-        )  # (B, 6D), (B, D)
-        text = self.caption_projection(encoder_hidden_states)  # (B, T, D)
-        hidden = x.reshape(b, f, h, w, x.shape[-1])  # (B, F, h, w, D)
-        return hidden, temb, embedded_timestep, text
+        layers = [
+            PartSpec(
+                f"layer_{i:03d}", modules[f"layer_{i:03d}"],
+                inputs=[IOSpec("hidden", hidden), IOSpec("temb", ["B", 6 * d]), IOSpec("text", ["B", "T", d])],
+                outputs=[IOSpec("spatial", hidden), IOSpec("hidden_out", hidden)],
+            )
+            for i in range(cfg.num_layers)
+        ]
+        head = PartSpec(
+            "head", modules["head"],
+            inputs=[IOSpec("hidden", hidden), IOSpec("embedded_timestep", ["B", d])],
+            outputs=[IOSpec("noise_pred", ["B", c_out, "F", "H", "W"])],
+        )
+        return [stem, *layers, head]
 
+    def dims(self, model, vae_scale_factor: int, max_scale: int = 2, pipeline: dict | None = None) -> dict:
+        """Symbol ranges. Base symbols are free; H and W (latent size) derive from the token grid."""
+        cfg = model.config
+        p = cfg.patch_size
+        # The temporal position table has video_length rows; Latte adds it only when F > 1.
+        grid_max = cfg.sample_size * max_scale // p
+        return {
+            "B": {"min": 1, "opt": 2, "max": 2},
+            "F": {"min": 2, "opt": cfg.video_length, "max": cfg.video_length},
+            "h": {"min": 2, "opt": cfg.sample_size // p, "max": grid_max},
+            "w": {"min": 2, "opt": cfg.sample_size // p, "max": grid_max},
+            "T": {"min": 1, "opt": 16, "max": MAX_TEXT_LENGTH},
+            "H": {"of": "h", "times": p},
+            "W": {"of": "w", "times": p},
+        }
 
-class LatteLayer(nn.Module):
-    """One spatial block, the frame/token rearrange, one temporal block.
+    def flow(self, model=None) -> dict:
+        return {
+            "state_init": {"hidden": "hidden"},
+            "layer_inputs": {"hidden": "state:hidden", "temb": "stem:temb", "text": "stem:text"},
+            "layer_state_out": {"hidden": "hidden_out"},
+            "probes": ["spatial", "hidden_out"],
+            "head_inputs": {"hidden": "state:hidden", "embedded_timestep": "stem:embedded_timestep"},
+            "head_output": "noise_pred",
+        }
 
-    Outputs ``(spatial, hidden)``: the spatial block's output (a Foresight probe) and the
-    layer's output (the second probe and the state carried to the next layer).
-    """
+    def pipeline(self, model, vae_config: dict) -> dict:
+        cfg = model.config
+        return {
+            "type": "latte",
+            "latent_channels": cfg.in_channels,
+            "patch_size": cfg.patch_size,
+            "vae_scale_factor": 2 ** (len(vae_config["block_out_channels"]) - 1),
+            "vae_scaling_factor": vae_config.get("scaling_factor", 0.18215),
+            "max_text_length": MAX_TEXT_LENGTH,
+            "mask_text": True,
+            "default_frames": cfg.video_length,
+            "default_steps": 50,
+            "default_guidance": 7.5,
+            "default_negative_prompt": "",
+            "decode_chunk_size": 14,
+            "fps": 8,
+        }
 
-    def __init__(self, model, index: int):
-        super().__init__()
-        self.spatial = model.transformer_blocks[index]
-        self.temporal = model.temporal_transformer_blocks[index]
-        # Latte adds the temporal position embedding once, before the first temporal block.
-        self.add_temp_pos = index == 0
-        if self.add_temp_pos:
-            self.register_buffer("temp_pos_embed", model.temp_pos_embed.clone(), persistent=False)
-
-    def forward(self, hidden, temb, text):
-        b, f, h, w, d = hidden.shape
-        n = h * w
-        x = hidden.reshape(b * f, n, d)  # (B*F, N, D)
-        temb_spatial = repeat_rows(temb, f)  # (B*F, 6D)
-        text_spatial = repeat_rows(text, f)  # (B*F, T, D)
-        x = self.spatial(x, None, text_spatial, None, temb_spatial, None, None)
-        spatial = x.reshape(b, f, h, w, d)
-        x = x.reshape(b, f, n, d).permute(0, 2, 1, 3).reshape(b * n, f, d)  # (B*N, F, D)
-        if self.add_temp_pos:
-            x = x + self.temp_pos_embed[:, :f].to(x.dtype)
-        temb_temporal = repeat_rows(temb, n)  # (B*N, 6D)
-        x = self.temporal(x, None, None, None, temb_temporal, None, None)
-        x = x.reshape(b, n, f, d).permute(0, 2, 1, 3).reshape(b, f, h, w, d)  # (B, F, h, w, D)
-        return spatial, x
-
-
-class LatteHead(nn.Module):
-    """Final adaLN modulation, projection to patches, unpatchify to ``(B, C_out, F, H, W)``."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.norm_out = model.norm_out
-        self.scale_shift_table = model.scale_shift_table
-        self.proj_out = model.proj_out
-        self.patch_size = model.config.patch_size
-        self.out_channels = model.out_channels
-
-    def forward(self, hidden, embedded_timestep):
-        b, f, h, w, d = hidden.shape
-        p, c = self.patch_size, self.out_channels
-        x = hidden.reshape(b * f, h * w, d)  # (B*F, N, D)
-        et = repeat_rows(embedded_timestep, f)  # (B*F, D)
-        shift, scale = (self.scale_shift_table[None] + et[:, None]).chunk(2, dim=1)
-        x = self.norm_out(x) * (1 + scale) + shift
-        x = self.proj_out(x)  # (B*F, N, p*p*C)
-        x = x.reshape(b, f, h, w, p, p, c)
-        x = x.permute(0, 6, 1, 2, 4, 3, 5)  # (B, C, F, h, p, w, p)
-        return x.reshape(b, c, f, h * p, w * p)
+    def foresight_defaults(self) -> dict:
+        # The reference implementation's evaluation settings; to be re-picked per model by sweep.
+        return {"warmup": 8, "recalculate": 2, "threshold": 0.5}

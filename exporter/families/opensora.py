@@ -18,11 +18,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from runtime.errors import ModelError
+from dit import opensora as model_code
+from dit.errors import ModelError
 
-from .base import COMPONENTS, FolderComponent, IOSpec, LoadedModel, PartSpec, grid_dims
+from .base import COMPONENTS, Family, FolderComponent, IOSpec, LoadedModel, PartSpec, grid_dims
 
 PRESETS = {"tiny": Path(__file__).resolve().parent.parent / "presets" / "opensora-tiny"}
 NULL_CAPTION_FILE = "null_caption.safetensors"
@@ -34,57 +34,16 @@ DEFAULT_SIZE = (240, 432)
 AESTHETIC_SCORE = 6.5
 
 
-class OpenSoraStem(nn.Module):
-    """Latents, timestep, T5 caption + mask, fps and pixel size -> tokens and modulations."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, latents, timestep, caption, caption_mask, fps, height, width):
-        out = self.model.stem(latents, timestep, caption[:, None], caption_mask > 0.5, fps=fps, height=height,
-                              width=width)
-        b, f, _, c = out.x.shape
-        _, ph, pw = self.model.config.patch_size
-        hidden = out.x.reshape(b, f, latents.shape[3] // ph, latents.shape[4] // pw, c)
-        return hidden, out.t_mlp, out.t, out.y
-
-
-class OpenSoraLayer(nn.Module):
-    """``spatial_blocks[i]`` then ``temporal_blocks[i]``; returns ``(spatial, hidden_out)``."""
-
-    def __init__(self, model, index: int):
-        super().__init__()
-        self.layer = model.layer(index)
-
-    def forward(self, hidden, t_mlp, y, caption_mask):
-        b, f, h, w, c = hidden.shape
-        spatial, out = self.layer(hidden.reshape(b, f, h * w, c), t_mlp, y, caption_mask > 0.5)
-        return spatial.reshape(b, f, h, w, c), out.reshape(b, f, h, w, c)
-
-
-class OpenSoraHead(nn.Module):
-    """Final adaLN layer and unpatchify: ``(B, F, h, w, C)`` -> ``(B, 8, F, H, W)`` fp32."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, hidden, t):
-        b, f, h, w, c = hidden.shape
-        _, ph, pw = self.model.config.patch_size
-        return self.model.head(hidden.reshape(b, f, h * w, c), t, (f, h * ph, w * pw))
-
-
 def parts(model) -> list[PartSpec]:
     """The stem, ``depth`` layers and the head of an ``STDiT3``, with symbolic I/O (B batch, F latent
     frames, h/w token grid, H/W latent size = grid x patch, T caption tokens)."""
     cfg = model.config
+    modules = model_code.part_modules(model)
     c, c_text = cfg.hidden_size, cfg.caption_channels
     hidden = ["B", "F", "h", "w", c]
     mask = IOSpec("caption_mask", ["B", "T"], low=0.3, high=1.3)  # random validation masks: ~80% valid
     stem = PartSpec(
-        "stem", OpenSoraStem(model),
+        "stem", modules["stem"],
         inputs=[IOSpec("latents", ["B", cfg.in_channels, "F", "H", "W"]),
                 IOSpec("timestep", ["B"], low=0.0, high=1000.0, fixed_dtype=True),
                 IOSpec("caption", ["B", "T", c_text]), mask,
@@ -95,12 +54,12 @@ def parts(model) -> list[PartSpec]:
                  IOSpec("y", ["B", "T", c])],
     )
     layers = [
-        PartSpec(f"layer_{i:03d}", OpenSoraLayer(model, i),
+        PartSpec(f"layer_{i:03d}", modules[f"layer_{i:03d}"],
                  inputs=[IOSpec("hidden", hidden), IOSpec("t_mlp", ["B", 6 * c]), IOSpec("y", ["B", "T", c]), mask],
                  outputs=[IOSpec("spatial", hidden), IOSpec("hidden_out", hidden)])
         for i in range(cfg.depth)
     ]
-    head = PartSpec("head", OpenSoraHead(model), inputs=[IOSpec("hidden", hidden), IOSpec("t", ["B", c])],
+    head = PartSpec("head", modules["head"], inputs=[IOSpec("hidden", hidden), IOSpec("t", ["B", c])],
                     outputs=[IOSpec("noise_pred", ["B", cfg.out_channels, "F", "H", "W"])])
     return [stem, *layers, head]
 
@@ -121,7 +80,7 @@ def stacked(parts_: list[PartSpec], inputs: dict) -> torch.Tensor:
         return head.module(hidden, t)
 
 
-class OpenSoraFamily:
+class OpenSoraFamily(Family):
     """Open-Sora 1.2 text-to-video (our STDiT3, our VAE, T5, rectified flow) in the registry."""
 
     name = "opensora"
@@ -141,17 +100,12 @@ class OpenSoraFamily:
                 f"hpcai-tech/OpenSora-STDiT-v3 (transformer/), hpcai-tech/OpenSora-VAE-v1.2 (vae/), "
                 f"DeepFloyd/t5-v1_1-xxl (text_encoder/, tokenizer/) and scheduler/scheduler_config.json "
                 f"(see exporter/families/opensora.py)")
-        transformer = self.load_transformer(str(path))
-        components = {c: FolderComponent(path / c) for c in COMPONENTS}
+        transformer = model_code.load_transformer(path / "transformer")
+        components = {c: FolderComponent(path / c) for c in (*COMPONENTS, "transformer")}
         return LoadedModel(transformer=transformer, source=str(path.resolve()), components=components)
 
-    def load_transformer(self, source: str):
-        from exporter.models.stdit3 import load_stdit3
-
-        return load_stdit3(Path(source) / "transformer")
-
     def vae_config(self, loaded: LoadedModel) -> dict:
-        from exporter.models.opensora_vae import OpenSoraVAEConfig
+        from dit.opensora_vae import OpenSoraVAEConfig
 
         return OpenSoraVAEConfig.from_dict(loaded.components["vae"].config).to_dict()
 
@@ -176,7 +130,7 @@ class OpenSoraFamily:
 
     def video_frames(self, dims_spec: dict, pipeline: dict) -> dict:
         """Video frames per latent count: 17-frame chunks of 5 latent frames, a remainder of r
-        frames ceil(r / 4) (exporter.models.opensora_vae)."""
+        frames ceil(r / 4) (dit.opensora_vae)."""
         micro, per_chunk = pipeline["micro_frame_size"], pipeline["micro_latent_frames"]
 
         def most_frames(latent: int) -> int:  # the largest frame count with at most `latent` latent frames
@@ -207,7 +161,7 @@ class OpenSoraFamily:
         }
 
     def pipeline(self, model, vae_config: dict) -> dict:
-        from exporter.models.opensora_vae import OpenSoraVAEConfig
+        from dit.opensora_vae import OpenSoraVAEConfig
 
         vae = OpenSoraVAEConfig.from_dict(vae_config)
         cfg = model.config

@@ -1,11 +1,11 @@
 """Synthetic mse feeds with hand-computed plans. A plan is written as
-(start, source, measure, store); with L layers, start == L means the whole stack is reused."""
+(start, source, measure); with L layers, start == L means the whole stack is reused."""
 
 import ast
-import json
-import math
 import pathlib
 import sys
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 
@@ -13,22 +13,21 @@ import foresight
 from foresight import (
     ConfigError,
     Controller,
+    ControllerState,
     ForesightConfig,
     NoneConfig,
+    Policy,
     StaticConfig,
     StepPlan,
-    load_trace,
     make_controller,
-    trace_to_json,
 )
 
-ALL = (0, None, False, False)  # compute everything, nothing cached or measured
-FILL = (0, None, False, True)  # compute everything, fill the caches
-FULL = (0, None, True, True)  # compute everything, measure and refresh
+ALL = (0, None, False)  # compute everything, measure nothing
+FULL = (0, None, True)  # compute everything, measure every layer
 
 
 def brief(plan):
-    return plan.start, plan.source, plan.measure, plan.store
+    return plan.start, plan.source, plan.measure
 
 
 def run(ctrl, feed):
@@ -58,18 +57,18 @@ def test_none_computes_everything_every_step():
 
 # --- static -----------------------------------------------------------------------------
 
-REUSE_3x2 = (3, (2, 1), False, False)  # L=3, P=2: feed the head from layer 2's last probe
+REUSE_3x2 = (3, (2, 1), False)  # L=3, P=2: feed the head from layer 2's last probe
 
 
 @pytest.mark.parametrize(
     "cfg, expected",
     [
         # W=4, N=1, R=2: warm start, cache filled at step 3, then reuse every other step.
-        (StaticConfig(4, 1, 2), [ALL, ALL, ALL, FILL, FILL, REUSE_3x2, FILL, REUSE_3x2, FILL, REUSE_3x2]),
+        (StaticConfig(4, 1, 2), [ALL, ALL, ALL, ALL, ALL, REUSE_3x2, ALL, REUSE_3x2, ALL, REUSE_3x2]),
         # W=2, N=2, R=3: phase = (t-2) % 3; phases 1 and 2 reuse.
-        (StaticConfig(2, 2, 3), [ALL, FILL, FILL, REUSE_3x2, REUSE_3x2, FILL, REUSE_3x2, REUSE_3x2, FILL]),
+        (StaticConfig(2, 2, 3), [ALL, ALL, ALL, REUSE_3x2, REUSE_3x2, ALL, REUSE_3x2, REUSE_3x2, ALL]),
         # W=1, N=1, R=3: the very first step fills the cache.
-        (StaticConfig(1, 1, 3), [FILL, FILL, FILL, REUSE_3x2, FILL, FILL, REUSE_3x2]),
+        (StaticConfig(1, 1, 3), [ALL, ALL, ALL, REUSE_3x2, ALL, ALL, REUSE_3x2]),
     ],
 )
 def test_static_schedule(cfg, expected):
@@ -110,15 +109,15 @@ FEED = [
 ]
 EXPECTED = [
     ALL,
-    FILL,
+    ALL,
     FULL,
     FULL,
     FULL,
-    (3, (2, 1), True, True),
+    (3, (2, 1), True),
     FULL,
-    (4, (3, 1), False, False),
+    (4, (3, 1), False),
     FULL,
-    (2, (1, 1), True, True),
+    (2, (1, 1), True),
 ]
 
 
@@ -135,7 +134,7 @@ def test_foresight_warmup_flags_and_calibration():
     ctrl, _ = scripted()
     steps = ctrl.trace["steps"]
     assert [s["computed"] for s in steps[:3]] == [[0, 1, 2, 3]] * 3
-    assert [(s["store"], s["measure"]) for s in steps[:3]] == [(False, False), (True, False), (True, True)]
+    assert [s["measure"] for s in steps[:3]] == [False, False, True]
     # Thresholds in force when each step was planned: none until calibration at W-1.
     assert [s["thresholds"] for s in steps[:3]] == [None] * 3
     assert all(s["thresholds"] == THR for s in steps[3:])
@@ -157,7 +156,7 @@ def test_foresight_summary_counts():
 
 def test_warmup_2_fills_at_step_0_and_calibrates_at_step_1():
     ctrl = make_controller("foresight", 2, 1, warmup=2, recalculate=100, threshold=1.0)
-    assert run(ctrl, [None, [[1.0], [1.0]], None]) == [FILL, FULL, (2, (1, 0), False, False)]
+    assert run(ctrl, [None, [[1.0], [1.0]], None]) == [ALL, FULL, (2, (1, 0), False)]
 
 
 def test_calibration_thresholds_are_gamma_times_mse():
@@ -172,8 +171,8 @@ def test_forced_recompute_even_when_everything_is_reusable():
     # that every step with t % 3 == 0 recomputes all.
     ctrl = make_controller("foresight", 2, 1, warmup=2, recalculate=3, threshold=1.0)
     same = [[1.0], [1.0]]
-    skip = (2, (1, 0), False, False)
-    assert run(ctrl, [None, same, None, same, None, None, same]) == [FILL, FULL, skip, FULL, skip, skip, FULL]
+    skip = (2, (1, 0), False)
+    assert run(ctrl, [None, same, None, same, None, None, same]) == [ALL, FULL, skip, FULL, skip, skip, FULL]
 
 
 # --- foresight: the reuse decision ------------------------------------------------------
@@ -190,12 +189,12 @@ def decide_after(mse, num_probes=1):
 
 def test_deepest_reusable_layer_decides():
     # layer 2 reusable but layer 1 not: skip 0..2 anyway, since layer 1's output is not used.
-    assert decide_after([[9.0], [9.0], [0.5], [9.0]]) == (3, (2, 0), True, True)
-    assert decide_after([[0.5], [9.0], [9.0], [9.0]]) == (1, (0, 0), True, True)
+    assert decide_after([[9.0], [9.0], [0.5], [9.0]]) == (3, (2, 0), True)
+    assert decide_after([[0.5], [9.0], [9.0], [9.0]]) == (1, (0, 0), True)
 
 
 def test_all_reusable_feeds_the_head_from_last_layer_last_probe():
-    assert decide_after([[0.5, 9.0]] * 3, num_probes=2) == (3, (2, 1), False, False)
+    assert decide_after([[0.5, 9.0]] * 3, num_probes=2) == (3, (2, 1), False)
 
 
 def test_none_reusable_computes_everything():
@@ -203,13 +202,13 @@ def test_none_reusable_computes_everything():
 
 
 def test_threshold_is_inclusive():
-    assert decide_after([[9.0], [1.0]]) == (2, (1, 0), False, False)
+    assert decide_after([[9.0], [1.0]]) == (2, (1, 0), False)
 
 
 def test_any_probe_under_threshold_makes_a_layer_reusable():
     # temporal probe (1) under threshold, spatial (0) not -> reusable; and vice versa.
-    assert decide_after([[9.0, 0.5], [9.0, 9.0]], num_probes=2) == (1, (0, 1), True, True)
-    assert decide_after([[0.5, 9.0], [9.0, 9.0]], num_probes=2) == (1, (0, 1), True, True)
+    assert decide_after([[9.0, 0.5], [9.0, 9.0]], num_probes=2) == (1, (0, 1), True)
+    assert decide_after([[0.5, 9.0], [9.0, 9.0]], num_probes=2) == (1, (0, 1), True)
     assert decide_after([[9.0, 9.0], [9.0, 9.0]], num_probes=2) == FULL
 
 
@@ -226,7 +225,7 @@ def test_skipped_layers_keep_their_mse_and_computed_layers_update():
         None,  # t=5: everything reusable
         None,  # t=6: nothing was measured, so the same decision again
     ]
-    assert run(ctrl, feed) == [FILL, FULL, FULL, (2, (1, 0), True, True), (3, (2, 0), True, True), (4, (3, 0), False, False), (4, (3, 0), False, False)]
+    assert run(ctrl, feed) == [ALL, FULL, FULL, (2, (1, 0), True), (3, (2, 0), True), (4, (3, 0), False), (4, (3, 0), False)]
     assert ctrl.summary() == {"layer_calls": 4 * 3 + 2 + 1, "layer_calls_skipped": 2 + 3 + 4 + 4, "steps": 7}
 
 
@@ -272,7 +271,7 @@ def test_plan_after_unobserved_measurement_raises():
 
 def test_observe_only_once_and_only_when_measured():
     ctrl = make_controller("foresight", 2, 1, warmup=2)
-    ctrl.plan(0)  # W-2: stores but does not measure
+    ctrl.plan(0)  # W-2: fills the caches but does not measure
     with pytest.raises(RuntimeError, match="measure=True"):
         ctrl.observe([[0.0], [0.0]])
     ctrl.plan(1)
@@ -336,54 +335,52 @@ def test_controller_rejects_non_config():
 
 
 def test_step_plan_ranges():
-    plan = StepPlan(step=5, start=2, source=(1, 1), measure=True, store=True, num_layers=4)
+    plan = StepPlan(step=5, start=2, source=(1, 1), measure=True, num_layers=4)
     assert plan.computed == range(2, 4) and plan.skipped == range(0, 2)
-    everything = StepPlan(step=0, start=0, source=None, measure=False, store=False, num_layers=4)
+    everything = StepPlan(step=0, start=0, source=None, measure=False, num_layers=4)
     assert list(everything.skipped) == [] and list(everything.computed) == [0, 1, 2, 3]
 
 
-# --- trace --------------------------------------------------------------------------------
+# --- the controller applies whatever policy it is given ------------------------------------
 
 
-def test_trace_header_and_json_round_trip():
-    ctrl, _ = scripted()
-    trace = ctrl.trace
-    assert {k: trace[k] for k in ("schema", "policy", "config", "num_layers", "num_probes")} == {
-        "schema": "foresight-trace/1",
-        "policy": "foresight",
-        "config": {"policy": "foresight", "warmup": 3, "recalculate": 2, "threshold": 0.5},
-        "num_layers": 4,
-        "num_probes": 2,
-    }
-    assert list(trace["steps"][0]) == ["step", "computed", "source", "measure", "store", "mse", "thresholds"]
-    text = trace_to_json(trace)
-    assert load_trace(text) == trace == json.loads(text)
-    assert len(text.splitlines()) == 2 + len(trace["steps"]) + 1  # one line per step
+def test_controller_hands_the_policy_its_state_and_follows_it(fresh_registry):
+    seen = []
+
+    @dataclass(frozen=True)
+    class SkipFirst(Policy):
+        """Step 0 measures every layer and calibrates with gamma 2; later steps skip layer 0."""
+
+        name: ClassVar[str] = "skip-first"
+
+        def decide(self, step, state):
+            seen.append(state)
+            return (0, True) if step == 0 else (1, True)
+
+        def calibration(self, step):
+            return 2.0 if step == 0 else None
+
+    ctrl = make_controller("skip-first", 2, 2)
+    # The controller, not the policy, picks the source: layer 0's last probe feeds layer 1.
+    assert run(ctrl, [[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0]], [[7.0, 8.0]]]) == [FULL, (1, (0, 1), True), (1, (0, 1), True)]
+    assert seen[0] == ControllerState(2, 2, (None, None), None)
+    assert seen[1] == ControllerState(2, 2, ((1.0, 2.0), (3.0, 4.0)), ((2.0, 4.0), (6.0, 8.0)))
+    assert seen[2].mse == ((1.0, 2.0), (5.0, 6.0))  # skipped layer 0 keeps its mse
+    assert ctrl.trace["steps"][2]["thresholds"] == [[2.0, 4.0], [6.0, 8.0]]
+    assert ctrl.trace["config"] == {"policy": "skip-first"}
 
 
-def test_trace_round_trip_keeps_floats_exact():
-    ctrl = make_controller("foresight", 1, 1, warmup=2, threshold=0.1)
-    run(ctrl, [None, [[1 / 3]], [[math.pi]]])
-    trace = load_trace(trace_to_json(ctrl.trace))
-    assert trace["steps"][2]["thresholds"] == [[0.1 * (1 / 3)]] and trace["steps"][2]["mse"] == [[math.pi]]
+@pytest.mark.parametrize("decision", [(3, False), (-1, False), (1.0, False), (2, True), (0, 1)])
+def test_an_impossible_decision_is_a_policy_bug(fresh_registry, decision):
+    @dataclass(frozen=True)
+    class Broken(Policy):
+        name: ClassVar[str] = "broken"
 
+        def decide(self, step, state):
+            return decision
 
-def test_empty_trace_round_trips():
-    ctrl = make_controller("static", 2, 1)
-    assert load_trace(trace_to_json(ctrl.trace)) == ctrl.trace
-
-
-def test_trace_is_a_copy():
-    ctrl, _ = scripted()
-    ctrl.trace["steps"][3]["thresholds"][0][0] = 123.0
-    ctrl.trace["steps"].clear()
-    assert ctrl.trace == scripted()[0].trace
-
-
-@pytest.mark.parametrize("text", ['{"schema": "foresight-trace/0", "steps": []}', '{"steps": []}', "[]"])
-def test_load_trace_checks_schema(text):
-    with pytest.raises(ValueError, match="not a foresight-trace/1 trace"):
-        load_trace(text)
+    with pytest.raises(AssertionError, match="policy 'broken' decided"):
+        make_controller("broken", 2, 1).plan(0)
 
 
 # --- purity -------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import runtime.engine as engine_mod
-from foresight import Controller, ForesightConfig
+from dataclasses import dataclass
+from typing import ClassVar
+
+from foresight import Policy
 from runtime.errors import NumericsError, ShapeError
 
 PROMPT = "a red square moving left on a black background"
@@ -40,35 +42,34 @@ class Spy:
         del self.backend.run  # back to the class method
 
 
-class Scripted(Controller):
-    """A controller whose decisions are given: (start, source, measure, store) per step."""
+@dataclass(frozen=True)
+class Scripted(Policy):
+    """A policy whose decisions are given: (start, measure) per step, handed to generate() as an object."""
 
-    def __init__(self, script, num_layers, num_probes):
-        self.script = script
-        super().__init__(ForesightConfig(warmup=2, recalculate=1, threshold=0.0), num_layers, num_probes)
+    script: tuple = ()
+    name: ClassVar[str] = "scripted"
 
-    def _decide(self, t):
-        return self.script[t]
+    def decide(self, step, state):
+        return self.script[step]
 
 
-def run_scripted(monkeypatch, rt, script, **kw):
-    monkeypatch.setattr(engine_mod, "make_controller",
-                        lambda config, L, P: Scripted(script, L, P))
+def run_scripted(rt, script, **kw):
     with Spy(rt.backend) as spy:
-        result = rt.generate(PROMPT, num_inference_steps=len(script), seed=0, decode=False, **kw)
+        result = rt.generate(PROMPT, num_inference_steps=len(script), seed=0, decode=False,
+                             policy=Scripted(script=tuple(script)), **kw)
     return result, spy
 
 
-def test_plan_is_followed_and_reuse_binds_cached_buffers(monkeypatch, runtime_ort):
+def test_plan_is_followed_and_reuse_binds_cached_buffers(runtime_ort):
     L = runtime_ort.num_layers
     script = [
-        (0, None, False, True),          # step 0: everything
-        (0, None, True, True),           # step 1: everything, measured
-        (2, (1, 1), True, True),         # step 2: layers 0-1 reused, start from layer 1's cache
-        (L, (L - 1, 1), False, False),   # step 3: whole stack reused
-        (0, None, True, True),           # step 4: everything again
+        (0, False),   # step 0: everything
+        (0, True),    # step 1: everything, measured
+        (2, True),    # step 2: layers 0-1 reused, start from layer 1's cache
+        (L, False),   # step 3: whole stack reused
+        (0, True),    # step 4: everything again
     ]
-    result, spy = run_scripted(monkeypatch, runtime_ort, script)
+    result, spy = run_scripted(runtime_ort, script)
     calls = {(r["step"], r["part"]) for r in spy.records}
     layer = lambda i: f"layer_{i:03d}"
     # Skipped layers' engines were never called; computed ones exactly once.
@@ -91,11 +92,11 @@ def test_plan_is_followed_and_reuse_binds_cached_buffers(monkeypatch, runtime_or
     assert l0[0] != l0[1] and l0[0] == l0[2]
 
 
-def test_probe_mse_compares_like_with_like(monkeypatch, runtime_ort):
+def test_probe_mse_compares_like_with_like(runtime_ort):
     """Each probe's mse is against that probe's own previous output (the reference compared
     the temporal output with the spatial cache)."""
-    script = [(0, None, False, True), (0, None, True, True), (0, None, True, True)]
-    result, spy = run_scripted(monkeypatch, runtime_ort, script)
+    script = [(0, False), (0, True), (0, True)]
+    result, spy = run_scripted(runtime_ort, script)
     for step in (1, 2):
         for layer in range(runtime_ort.num_layers):
             name = f"layer_{layer:03d}"

@@ -4,6 +4,7 @@ import pytest
 
 from runtime.errors import ForesightError, OutputPathError
 from runtime.heatmap import plot_reuse_heatmap
+from runtime.outputs import OutputSet
 
 
 def make_trace(num_layers=4, num_steps=6, num_probes=2, policy="foresight", reuse=True) -> dict:
@@ -24,12 +25,11 @@ def make_trace(num_layers=4, num_steps=6, num_probes=2, policy="foresight", reus
             "computed": computed,
             "source": [0, 0] if full and t > 0 else None,
             "measure": measure,
-            "store": full,
             "mse": mse,
             "thresholds": [[1e-3] * num_probes for _ in range(num_layers)] if policy != "none" else None,
         })
     return {
-        "schema": "foresight-trace/1",
+        "schema": "foresight-trace/2",
         "policy": policy,
         "config": {},
         "num_layers": num_layers,
@@ -88,3 +88,16 @@ def test_bad_trace_rejected(tmp_path):
 def test_output_must_be_png(tmp_path):
     with pytest.raises(OutputPathError, match=r"\.png"):
         plot_reuse_heatmap(make_trace(), tmp_path / "x.jpg")
+
+
+def test_heatmap_appears_with_the_other_outputs_or_not_at_all(tmp_path):
+    with OutputSet() as outputs:
+        png = plot_reuse_heatmap(make_trace(), tmp_path / "map.png", outputs=outputs)
+        assert not png.exists()
+    assert png.exists()
+    bad = make_trace()
+    bad["steps"][0]["computed"] = [99]
+    with pytest.raises(ForesightError, match="layer 99"), OutputSet() as outputs:
+        outputs.add(tmp_path / "stats.json", lambda tmp: tmp.write_text("{}"))
+        plot_reuse_heatmap(bad, tmp_path / "map.png", outputs=outputs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["map.png"]

@@ -1,3 +1,4 @@
+import errno
 import os
 import pathlib
 
@@ -5,8 +6,9 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from runtime import video
+from runtime import outputs
 from runtime.errors import ForesightError, OutputPathError
+from runtime.outputs import OutputSet, is_temp_name
 from runtime.video import atomic_write, check_output_path, save_frames, write_video
 
 
@@ -21,6 +23,18 @@ def smooth_clip(frames=6, height=64, width=64) -> np.ndarray:
 
 def leftovers(folder: pathlib.Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
+
+
+def refuse_temp_files(monkeypatch, error: OSError) -> None:
+    """Make creating a temporary (or probe) file fail with ``error``, as a mount or permission would."""
+    real_open = os.open
+
+    def refuse(path, *args, **kwargs):
+        if is_temp_name(os.path.basename(path)):
+            raise error
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(outputs.os, "open", refuse)
 
 
 @pytest.mark.parametrize("height,width", [(64, 64), (36, 52)])
@@ -83,19 +97,56 @@ def test_path_is_a_directory(tmp_path):
 
 
 def test_not_writable_by_access_check(tmp_path, monkeypatch):
-    monkeypatch.setattr(video.os, "access", lambda *args, **kwargs: False)
+    monkeypatch.setattr(outputs.os, "access", lambda *args, **kwargs: False)
     with pytest.raises(OutputPathError, match="not writable"):
         check_output_path(tmp_path / "out.mp4")
 
 
 def test_not_writable_by_probe(tmp_path, monkeypatch):
     # What a read-only mount does to root: os.access says yes, creating a file says no.
-    def refuse(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr(video.tempfile, "mkstemp", refuse)
+    refuse_temp_files(monkeypatch, PermissionError(errno.EACCES, "Permission denied"))
     with pytest.raises(OutputPathError, match="not writable"):
         check_output_path(tmp_path / "out.mp4")
+    assert leftovers(tmp_path) == []
+
+
+def test_read_only_file_system(tmp_path, monkeypatch):
+    refuse_temp_files(monkeypatch, OSError(errno.EROFS, "Read-only file system"))
+    with pytest.raises(OutputPathError, match="is on a read-only file system; choose a folder on a writable one"):
+        check_output_path(tmp_path / "out.mp4")
+
+
+def test_long_name_is_too_long_not_unwritable(tmp_path):
+    # 255 bytes minus ".", ".tmp-", a 7-digit pid, "-", 8 hex digits and the ".mp4" kept at the end.
+    allowed = 255 - 26
+    too_long = rf"too long \(240 bytes\): at most {allowed} characters.*choose a shorter name"
+    with pytest.raises(OutputPathError, match=too_long):
+        check_output_path(tmp_path / ("a" * 236 + ".mp4"))
+    with pytest.raises(OutputPathError, match=f"at most {allowed} characters"):
+        write_video(smooth_clip(2, 8, 8), tmp_path / ("a" * (allowed - 3) + ".mp4"))
+    longest = "a" * (allowed - 4) + ".mp4"
+    write_video(smooth_clip(2, 8, 8), tmp_path / longest)
+    assert leftovers(tmp_path) == [longest]
+
+
+def test_output_inside_engines_folder_refused(tmp_path):
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    (engines / "manifest.json").write_text("{}")
+    (tmp_path / "link").symlink_to(engines)
+    for target in (engines / "manifest.json", tmp_path / "link" / "manifest.json", engines / "sub" / "x.png", engines):
+        with pytest.raises(OutputPathError, match=rf"is inside the engines folder {engines}: write outputs elsewhere"):
+            check_output_path(target, engines=tmp_path / "link")
+    assert check_output_path(tmp_path / "engines.mp4", engines=engines) == tmp_path / "engines.mp4"
+    assert (engines / "manifest.json").read_text() == "{}"
+
+
+def test_write_video_staged_in_output_set(tmp_path):
+    with OutputSet() as staged:
+        out = write_video(smooth_clip(2, 8, 8), tmp_path / "out.gif", outputs=staged)
+        frames = save_frames(smooth_clip(2, 8, 8), tmp_path / "frames.npy", outputs=staged)
+        assert not out.exists() and not frames.exists()
+    assert leftovers(tmp_path) == ["frames.npy", "out.gif"]
 
 
 def test_failing_write_leaves_nothing(tmp_path):

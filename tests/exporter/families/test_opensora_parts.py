@@ -8,7 +8,7 @@ import torch
 
 from exporter.export import export_part, make_inputs, validate_part, validation_dims
 from exporter.families import opensora
-from exporter.models.stdit3 import STDiT3, STDiT3Config
+from dit.stdit3 import STDiT3, STDiT3Config
 
 
 def tiny():

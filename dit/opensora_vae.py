@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from exporter.models.stdit3 import WEIGHT_FILES, CheckpointMismatchError, _listed, _read_weights, _unwrap
-from runtime.errors import ModelError
+from dit.stdit3 import WEIGHT_FILES, CheckpointMismatchError, _listed, _read_weights, _unwrap
+from dit.errors import ModelError
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0  # the release's DiagonalGaussianDistribution clamp
 

@@ -1,8 +1,21 @@
 import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
 
-from foresight import POLICIES, ConfigError, ForesightConfig, NoneConfig, StaticConfig, make_config
+from foresight import (
+    POLICIES,
+    ConfigError,
+    ControllerState,
+    ForesightConfig,
+    NoneConfig,
+    Policy,
+    StaticConfig,
+    make_config,
+    make_controller,
+    policy_options,
+)
 
 
 def test_defaults_and_to_dict():
@@ -91,3 +104,71 @@ def test_make_config_rejects_options_of_other_policies():
 def test_make_config_validates_values():
     with pytest.raises(ConfigError, match="warmup must be >= 2"):
         make_config("foresight", warmup=1)
+
+
+# --- policies are classes: options, rule, registry ----------------------------------------
+
+
+def test_policy_options_are_the_dataclass_fields():
+    assert policy_options("none") == ()
+    assert policy_options("static") == ("warmup", "reuse", "period")
+    assert policy_options("foresight") == ("warmup", "recalculate", "threshold")
+    with pytest.raises(ConfigError, match="unknown policy 'pab': pass one of none, static, foresight"):
+        policy_options("pab")
+
+
+def test_shipped_policies_are_policy_classes():
+    for name in POLICIES:
+        config = make_config(name)
+        assert isinstance(config, Policy) and config.name == name
+    with pytest.raises(TypeError):
+        Policy()  # abstract: a policy without a decision rule is not one
+
+
+def test_a_rule_can_be_called_without_a_controller():
+    state = ControllerState(num_layers=3, num_probes=1, mse=((0.5,), (2.0,), (9.0,)), thresholds=((1.0,),) * 3)
+    assert ForesightConfig(warmup=2, recalculate=2).decide(3, state) == (1, True)  # layer 0 reusable
+    assert ForesightConfig(warmup=2, recalculate=2).decide(4, state) == (0, True)  # forced recompute
+    assert StaticConfig(warmup=1, reuse=1, period=2).decide(2, state) == (3, False)
+    assert NoneConfig().decide(7, state) == (0, False)
+
+
+def test_a_new_policy_is_one_class(fresh_registry):
+    @dataclass(frozen=True)
+    class SkipPrefix(Policy):
+        """Skip the first `skip` layers on odd steps."""
+
+        skip: int = 1
+        name: ClassVar[str] = "skip-prefix"
+
+        def __post_init__(self):
+            if self.skip < 1:
+                raise ConfigError(f"skip must be >= 1 (got {self.skip}); pass --skip 1 or more")
+
+        def decide(self, step, state):
+            return (self.skip if step % 2 else 0), False
+
+    assert policy_options("skip-prefix") == ("skip",)
+    assert make_config("skip-prefix", skip=2) == SkipPrefix(skip=2)
+    assert make_config("skip-prefix", skip=None).to_dict() == {"policy": "skip-prefix", "skip": 1}
+    with pytest.raises(ConfigError, match=r"threshold does not apply to policy 'skip-prefix' \(it takes skip\)"):
+        make_config("skip-prefix", threshold=0.5)
+    with pytest.raises(ConfigError, match="skip must be >= 1"):
+        make_config("skip-prefix", skip=0)
+    with pytest.raises(ConfigError, match="pass one of none, static, foresight, skip-prefix"):
+        make_config("pab")
+    ctrl = make_controller("skip-prefix", 3, 1, skip=2)
+    assert [list(ctrl.plan(t).computed) for t in range(3)] == [[0, 1, 2], [2], [0, 1, 2]]
+
+
+def test_a_policy_needs_its_own_name(fresh_registry):
+    with pytest.raises(TypeError, match="must set name"):
+        class Nameless(Policy):
+            def decide(self, step, state):
+                return 0, False
+    with pytest.raises(TypeError, match="policy name 'foresight' is taken by ForesightConfig; pick another"):
+        class Impostor(Policy):
+            name: ClassVar[str] = "foresight"
+
+            def decide(self, step, state):
+                return 0, False

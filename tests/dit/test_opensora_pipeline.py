@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.models.opensora_pipeline import OpenSoraPipeline, to_frames
-from exporter.models.rflow import RFlowSampler
+from dit.opensora_pipeline import OpenSoraPipeline, to_frames
+from dit.rflow import RFlowSampler
 from runtime.errors import ModelError
 from tools import make_tiny
 

@@ -1,7 +1,7 @@
 """Open-Sora 1.2 text-to-video, eager: the reference a compiled runtime is compared against.
 
 Open-Sora is not in diffusers, so this module is its pipeline: T5 caption, rectified-flow
-sampling of :class:`~exporter.models.stdit3.STDiT3` with classifier-free guidance, the
+sampling of :class:`~dit.stdit3.STDiT3` with classifier-free guidance, the
 Open-Sora VAE, frames. It follows the release's ``scripts/inference.py`` (v1.2.0), except
 that everything runs in float32 (the release runs STDiT3 and the VAE in bf16, T5 in fp32).
 
@@ -34,7 +34,7 @@ Semantics of one generation (``pipe(prompt, num_frames, height, width, seed=...)
    ``y = T5(ids, attention_mask).last_hidden_state`` ``(1, L, C)`` fp32, ``mask (1, L)`` long.
 2. CFG batch ``[conditional, unconditional]`` (the release's order): the unconditional caption
    is the transformer's learned ``y_embedder.y_embedding`` ``(L, C)`` with the prompt's mask,
-   so it attends to the same first ``sum(mask)`` rows (:func:`~exporter.models.stdit3.cfg_model_fn`).
+   so it attends to the same first ``sum(mask)`` rows (:func:`~dit.stdit3.cfg_model_fn`).
 3. Noise ``(1, 4, vae.latent_frames(num_frames), height // 8, width // 8)`` from
    ``torch.randn(generator=torch.Generator("cpu").manual_seed(seed), dtype=float32)``.
 4. Timesteps ``RFlowSampler.timesteps(height, width, num_frames)`` (each a ``(1,)`` fp32 tensor;
@@ -61,10 +61,10 @@ from typing import Mapping
 
 import torch
 
-from exporter.models.opensora_vae import OpenSoraVAE, load_opensora_vae
-from exporter.models.rflow import RFlowSampler
-from exporter.models.stdit3 import WEIGHT_FILES, STDiT3, cfg_model_fn, load_stdit3
-from runtime.errors import ModelError
+from dit.opensora_vae import OpenSoraVAE, load_opensora_vae
+from dit.rflow import RFlowSampler
+from dit.stdit3 import WEIGHT_FILES, STDiT3, cfg_model_fn, load_stdit3
+from dit.errors import ModelError
 
 AESTHETIC_SCORE = 6.5
 VIDEO_FPS = 24
@@ -80,7 +80,7 @@ ASSEMBLE = (
     f"scheduler/{SCHEDULER_FILE} = " + json.dumps({"_class_name": "RFlowSampler", "num_steps": 30,
                                                    "guidance_scale": 7.0, "use_timestep_transform": True,
                                                    "num_timesteps": 1000})
-    + ', model_index.json = {"_class_name": "OpenSoraPipeline", ...} (see exporter/models/opensora_pipeline.py); '
+    + ', model_index.json = {"_class_name": "OpenSoraPipeline", ...} (see dit/opensora_pipeline.py); '
     "or write a tiny random one with tools/make_tiny.py --model opensora --out DIR"
 )
 

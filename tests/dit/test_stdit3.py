@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from exporter.models.rflow import RFlowSampler, timestep_transform
-from exporter.models.stdit3 import (
+from dit.rflow import RFlowSampler, timestep_transform
+from dit.stdit3 import (
     STDiT3, STDiT3Config, cfg_model_fn, load_stdit3, pos_embed_2d, timestep_sinusoid,
 )
 

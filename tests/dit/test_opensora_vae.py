@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from exporter.models.opensora_vae import (
+from dit.opensora_vae import (
     CausalConv3d, DiagonalGaussian, OpenSoraVAE, OpenSoraVAEConfig, TemporalVAE, depth_to_space_time,
     load_opensora_vae,
 )
-from exporter.models.stdit3 import CheckpointMismatchError
+from dit.stdit3 import CheckpointMismatchError
 from runtime.errors import ModelError
 
 # 8x spatial, 4x temporal like the release; every width tiny.

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.errors import ModelError
+from dit.errors import ModelError
 
 FREQUENCY_EMBEDDING_SIZE = 256  # timestep / fps sinusoid width
 ROPE_THETA = 10000.0
@@ -563,7 +563,7 @@ class STDiT3(nn.Module):
 
 
 def cfg_model_fn(model: STDiT3, y, mask, *, fps, height, width) -> Callable:
-    """``f(z_in (2B, ...), t_in (2B,))`` for :class:`exporter.models.rflow.RFlowSampler`:
+    """``f(z_in (2B, ...), t_in (2B,))`` for :class:`dit.rflow.RFlowSampler`:
     the prompt's caption in the first half of the batch, the null caption in the second,
     both with the prompt's mask (the eager reference for the runtime's CFG batch)."""
     b = y.shape[0]

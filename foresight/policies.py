@@ -1,0 +1,171 @@
+"""Reuse policies: each is one class holding its validated options and its decision rule.
+
+A policy is a frozen dataclass: its fields are its options (named like the CLI flags,
+``--warmup`` ...), validated at construction so a bad value fails here, with a message that
+names the fix, rather than as a strange plan fifty steps into a generation. Its ``decide``
+turns what the controller knows into the layers one step runs. Adding a policy is writing
+one subclass with a ``name``: it registers itself, and ``make_config``, ``policy_options``
+and the traces find it by that name.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, fields
+from typing import ClassVar
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ControllerState:
+    """What the controller knows when it plans a step; read-only, so a policy cannot change it."""
+
+    num_layers: int
+    num_probes: int
+    mse: tuple[tuple[float, ...] | None, ...]  # latest measured, per layer then probe; None = never measured
+    thresholds: tuple[tuple[float, ...], ...] | None  # per layer then probe; None until calibrated
+
+
+_REGISTRY: dict[str, type[Policy]] = {}  # name -> class, filled by Policy.__init_subclass__
+
+
+class Policy(ABC):
+    """Base of every policy. Subclass it as a ``@dataclass(frozen=True)`` with a ``name`` and a
+    ``decide``; fields are the options, ``__post_init__`` validates them."""
+
+    name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if not isinstance(name, str):
+            raise TypeError(f"{cls.__name__} must set name: ClassVar[str], the name the CLI and traces use")
+        if name in _REGISTRY:
+            raise TypeError(f"policy name {name!r} is taken by {_REGISTRY[name].__name__}; pick another")
+        _REGISTRY[name] = cls
+
+    @abstractmethod
+    def decide(self, step: int, state: ControllerState) -> tuple[int, bool]:
+        """``(start, measure)`` for ``step``: layers ``start..num_layers-1`` run (``start ==
+        num_layers`` reuses the whole stack), and ``measure`` asks for their mse. The controller
+        derives which cache feeds layer ``start``: a chain leaves no other choice."""
+
+    def calibration(self, step: int) -> float | None:
+        """γ when this step's measurement sets the thresholds to γ·mse, else None. Asked after
+        every measurement; a step that calibrates must have computed every layer."""
+        return None
+
+    def to_dict(self) -> dict:
+        return {"policy": self.name, **asdict(self)}
+
+
+def _check_int(name: str, value: object, minimum: int, why: str) -> None:
+    # bool is an int subclass, but --warmup True is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{name} must be a whole number (got {value!r}); pass e.g. --{name} {minimum}")
+    if value < minimum:
+        raise ConfigError(f"{name} must be >= {minimum} (got {value}): {why}; pass --{name} {minimum} or more")
+
+
+@dataclass(frozen=True)
+class NoneConfig(Policy):
+    """Full compute every step: the true baseline (the reference's "baseline" silently reused layers)."""
+
+    name: ClassVar[str] = "none"
+
+    def decide(self, step: int, state: ControllerState) -> tuple[int, bool]:
+        return 0, False
+
+
+@dataclass(frozen=True)
+class StaticConfig(Policy):
+    """The paper's uniform-reuse baseline: after warmup, reuse the whole stack output
+    `reuse` steps out of every `period`."""
+
+    warmup: int = 4
+    reuse: int = 1
+    period: int = 2
+    name: ClassVar[str] = "static"
+
+    def __post_init__(self) -> None:
+        _check_int("warmup", self.warmup, 1, "static reuse needs one computed step to fill the cache")
+        _check_int("reuse", self.reuse, 1, "a static policy that never reuses is --policy none")
+        _check_int("period", self.period, 2, "a period must hold one reused and one computed step")
+        if self.reuse >= self.period:
+            raise ConfigError(
+                f"reuse must be < period (got reuse={self.reuse}, period={self.period}): every period needs "
+                f"a computed step to refresh the cache; pass --period {self.reuse + 1} or more, or a smaller --reuse"
+            )
+
+    def decide(self, step: int, state: ControllerState) -> tuple[int, bool]:
+        # Each period opens with its computed steps, so every reuse follows a fresh cache.
+        phase = (step - self.warmup) % self.period
+        reused = step >= self.warmup and phase >= self.period - self.reuse
+        return (state.num_layers if reused else 0), False
+
+
+@dataclass(frozen=True)
+class ForesightConfig(Policy):
+    """Adaptive reuse (Foresight). Thresholds come from the single step warmup-1 vs warmup-2,
+    as in the reference code; the paper's weighted three-step average is not offered because
+    its weights are not documented."""
+
+    warmup: int = 8
+    recalculate: int = 2
+    threshold: float = 0.5
+    name: ClassVar[str] = "foresight"
+
+    def __post_init__(self) -> None:
+        _check_int("warmup", self.warmup, 2, "Foresight calibrates at step warmup-1 against step warmup-2")
+        _check_int("recalculate", self.recalculate, 1, "steps with step % recalculate == 0 recompute every layer")
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+            raise ConfigError(
+                f"threshold must be a finite number >= 0 (got {t!r}): it scales the calibrated per-layer change; "
+                "pass e.g. --threshold 0.5 (smaller is safer, larger is faster)"
+            )
+        object.__setattr__(self, "threshold", float(t))  # so to_dict and traces always hold a float
+
+    def decide(self, step: int, state: ControllerState) -> tuple[int, bool]:
+        if step < self.warmup - 1:
+            return 0, False  # step warmup-2 fills the caches that warmup-1 measures against
+        if step == self.warmup - 1 or step % self.recalculate == 0:
+            return 0, True
+        # A layer is reusable if ANY of its probes changed no more than its threshold; the
+        # deepest reusable layer decides, since nothing before it feeds this step's output.
+        reusable = [any(m <= th for m, th in zip(mse, thr)) for mse, thr in zip(state.mse, state.thresholds)]
+        start = 1 + max((layer for layer, ok in enumerate(reusable) if ok), default=-1)
+        return start, start < state.num_layers
+
+    def calibration(self, step: int) -> float | None:
+        return self.threshold if step == self.warmup - 1 else None
+
+
+POLICIES: tuple[str, ...] = tuple(_REGISTRY)  # the shipped policies, in CLI order
+
+
+def _policy_class(name: str) -> type[Policy]:
+    cls = _REGISTRY.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ConfigError(f"unknown policy {name!r}: pass one of {', '.join(_REGISTRY)}")
+    return cls
+
+
+def policy_options(name: str) -> tuple[str, ...]:
+    """The options policy ``name`` takes, in declaration order: its dataclass fields."""
+    return tuple(f.name for f in fields(_policy_class(name)))
+
+
+def make_config(policy: str, **overrides) -> Policy:
+    """Build a policy from CLI-style options; options left as None keep their defaults,
+    so a CLI can pass every flag through unchanged."""
+    allowed = policy_options(policy)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    extra = [k for k in given if k not in allowed]
+    if extra:
+        takes = f"it takes {', '.join(allowed)}" if allowed else "it takes no options"
+        raise ConfigError(f"{', '.join(extra)} does not apply to policy {policy!r} ({takes}); "
+                          "drop it or pick another policy")
+    return _REGISTRY[policy](**given)
