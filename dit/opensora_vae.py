@@ -1,7 +1,6 @@
 """Open-Sora 1.2 video VAE (``OpenSoraVAE_V1_2``), with the released checkpoint's parameter names.
 
-Facts from ``shared/reference/opensora-v1.2-stdit3.md`` (section "VAE") and the release's
-``opensora/models/vae/{vae.py,vae_temporal.py,utils.py}``; a local copy of hpcai-tech
+Facts from the release's ``opensora/models/vae/{vae.py,vae_temporal.py,utils.py}`` (v1.2.0); a local copy of hpcai-tech
 "OpenSora-VAE-v1.2" loads with strict key matching (:func:`load_opensora_vae`).
 
 Two stages, applied in this order by :meth:`OpenSoraVAE.encode` (reverse in ``decode``):

@@ -1,4 +1,4 @@
-"""Open-Sora 1.2's rectified-flow sampler (``RFLOW``), as in ``shared/reference/opensora-v1.2-stdit3.md``.
+"""Open-Sora 1.2's rectified-flow sampler (``RFLOW``), as in the release's ``opensora/schedulers/rf``.
 
 Conventions: ``x_t = (1 - t/1000) x0 + (t/1000) eps`` and the model predicts
 ``v = x0 - eps``, so one Euler step is ``z += v * dt`` with ``dt = (t_i - t_{i+1}) / 1000``

@@ -1,7 +1,7 @@
 """Open-Sora 1.2 STDiT3, written here with the released checkpoint's parameter names.
 
-The facts (config, every key and shape, forward semantics) are those of
-``shared/reference/opensora-v1.2-stdit3.md``; a user's local copy of hpcai-tech
+The facts (config, every key and shape, forward semantics) are those of the released
+``opensora/models/stdit/stdit3.py`` (v1.2.0); a user's local copy of hpcai-tech
 "OpenSora-STDiT-v3" loads with strict key matching (:func:`load_stdit3`).
 
 Between the parts the hidden state travels as ``(B, T, S, C)``: batch (CFG doubles it),

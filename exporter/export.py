@@ -190,12 +190,13 @@ def checkpoint_defaults(family, source: str) -> tuple[dict, dict]:
     return foresight, pipeline
 
 
-def pipeline_facts(family, model, vae_config: dict, source: str) -> tuple[dict, dict]:
-    """(Foresight defaults, pipeline facts): the family's facts with the checkpoint's defaults.json on top."""
+def pipeline_facts(family, model, vae_config: dict, source: str) -> tuple[dict, dict, dict]:
+    """(Foresight defaults, pipeline facts, the checkpoint's overrides): the family's facts with the
+    checkpoint's defaults.json on top."""
     foresight, overrides = checkpoint_defaults(family, source)
     pipeline = family.pipeline(model, vae_config)
     pipeline.update(overrides)
-    return foresight, pipeline
+    return foresight, pipeline, overrides
 
 
 def save_components(components: dict, out: Path, link: bool = False) -> None:
@@ -250,9 +251,25 @@ def describe(family, model, vae_config: dict, dims_spec: dict, entries: list[dic
 
     from runtime import __version__
 
-    foresight, pipeline = pipeline_facts(family, model, vae_config, source)
+    foresight, pipeline, overrides = pipeline_facts(family, model, vae_config, source)
     px = pipeline["vae_scale_factor"] * pipeline["patch_size"]
     frames = family.video_frames(dims_spec, pipeline)
+    shapes = {
+        "frames": {"min": frames["min"], "max": frames["max"], "default": frames["opt"]},
+        "height": {"min": dims_spec["h"]["min"] * px, "max": dims_spec["h"]["max"] * px,
+                   "multiple_of": px, "default": dims_spec["h"]["opt"] * px},
+        "width": {"min": dims_spec["w"]["min"] * px, "max": dims_spec["w"]["max"] * px,
+                  "multiple_of": px, "default": dims_spec["w"]["opt"] * px},
+        "batch": {"min": dims_spec["B"]["min"], "max": dims_spec["B"]["max"]},
+        "text_tokens": {"max": dims_spec["T"]["max"]},
+    }
+    for key, name in (("default_frames", "frames"), ("default_height", "height"), ("default_width", "width")):
+        if key in overrides:  # the checkpoint's defaults.json decides the default video shape
+            spec, value = shapes[name], overrides[key]
+            if not spec["min"] <= value <= spec["max"] or value % spec.get("multiple_of", 1):
+                raise ExportError(f"{source}/{DEFAULTS_FILE}: {name} {value} is not one the engines accept "
+                                  f"({spec['min']}..{spec['max']}, multiple of {spec.get('multiple_of', 1)})")
+            spec["default"] = value
     return {
         "schema_version": SCHEMA_VERSION,
         "format": FORMAT,
@@ -269,15 +286,7 @@ def describe(family, model, vae_config: dict, dims_spec: dict, entries: list[dic
         "artifact": "onnx",
         "dtype": "float32",
         "dims": dims_spec,
-        "shapes": {
-            "frames": {"min": frames["min"], "max": frames["max"], "default": frames["opt"]},
-            "height": {"min": dims_spec["h"]["min"] * px, "max": dims_spec["h"]["max"] * px,
-                       "multiple_of": px, "default": dims_spec["h"]["opt"] * px},
-            "width": {"min": dims_spec["w"]["min"] * px, "max": dims_spec["w"]["max"] * px,
-                      "multiple_of": px, "default": dims_spec["w"]["opt"] * px},
-            "batch": {"min": dims_spec["B"]["min"], "max": dims_spec["B"]["max"]},
-            "text_tokens": {"max": dims_spec["T"]["max"]},
-        },
+        "shapes": shapes,
         "parts": {"stem": entries[0], "layers": entries[1:-1], "head": entries[-1]},
         "flow": family.flow(model),
         "pipeline": pipeline,
@@ -348,7 +357,7 @@ def export(opts: ExportOptions, progress=True) -> Path:
         model = loaded.transformer.float().eval()
         parts = family.parts(model)
         vae_config = family.vae_config(loaded)
-        _, pipeline = pipeline_facts(family, model, vae_config, loaded.source)
+        _, pipeline, _ = pipeline_facts(family, model, vae_config, loaded.source)
         dims_spec = family.dims(model, pipeline["vae_scale_factor"], opts.max_scale, pipeline=pipeline)
         generator = torch.Generator().manual_seed(opts.seed)
         entries = []

@@ -1,6 +1,6 @@
 """Build one TensorRT engine per exported ONNX file (``foresight-export --backend tensorrt``).
 
-Written to the TensorRT 10.12+/11 facts in shared/reference/tensorrt-onnx-notes.md:
+Written to the TensorRT 10.12+/11 builder API:
 strongly typed networks (precision comes from the ONNX file, no precision flags), one
 optimisation profile per engine from the manifest's dims ranges (CFG batch included), one
 timing cache shared by every layer and saved next to the engines, an optional workspace

@@ -4,7 +4,8 @@ Standard library only; it knows nothing about tensors. ``policies`` holds each r
 policy (its options and its decision rule in one class), ``controller`` the per-generation
 state machine that applies one, and ``trace`` the versioned JSON format its decisions are
 recorded in (``foresight-trace/2``, documented there). See
-shared/reference/foresight-algorithm.md for the algorithm and the reference bugs avoided.
+docs/foresight-algorithm.md for the algorithm and where this project differs from the
+paper's reference implementation.
 """
 
 from .controller import Controller, StepPlan, make_controller

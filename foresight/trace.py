@@ -22,7 +22,7 @@ Per step (written in this key order):
   before; null when ``start`` is 0 and the stem's output feeds layer 0;
 * ``measure``: whether the runtime measured the computed layers and handed their mse back;
 * ``mse``: L rows of P numbers, this step's measurement of each probe against its cache;
-  null for every layer not measured at this step;
+  a row of P nulls for every layer not measured at this step;
 * ``thresholds``: L rows of P numbers in force when the step was planned; null before
   calibration and for policies without thresholds.
 

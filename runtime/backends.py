@@ -89,6 +89,9 @@ class OnnxRuntimeBackend(Backend):
         except ImportError as exc:
             raise BackendError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from exc
         self._np_types = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
+        if self.io_dtype not in self._np_types:
+            raise BackendError(f"the onnxruntime backend cannot bind {manifest.dtype} buffers: use --backend torch "
+                               f"or tensorrt, or export in float32/float16")
         available = ort.get_available_providers()
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in available:
@@ -210,7 +213,7 @@ class TensorRTBackend(Backend):
     """TensorRT engines on CUDA, one execution context per part, all contexts sharing one
     scratch buffer (parts run one after another); torch CUDA tensors are the I/O buffers.
 
-    Written to the TensorRT 10.12+/11 API facts in shared/reference/tensorrt-onnx-notes.md;
+    Written to the TensorRT 10.12+/11 Python API (``execute_async_v3`` with tensor addresses);
     every call below is listed in ``TRT_API`` so a test can check the names exist wherever
     tensorrt is importable.
     """
@@ -243,6 +246,9 @@ class TensorRTBackend(Backend):
             path = manifest.path(entry["file"]) if entry else None
             if path is None or not path.is_file():
                 raise BackendError(f"no TensorRT engine for {part.name}: re-export with --backend tensorrt")
+            if entry.get("onnx_sha256") != manifest.files[part.file].sha256:  # a re-export carried it over
+                raise BackendError(f"the TensorRT engine of {part.name} was built from another {part.file}: rebuild "
+                                   f"with `foresight-export --backend tensorrt --out {manifest.root} --overwrite`")
             engine = runtime.deserialize_cuda_engine(path.read_bytes())
             if engine is None:
                 raise BackendError(f"TensorRT could not load {path}: re-export with --backend tensorrt")

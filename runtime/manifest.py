@@ -39,7 +39,7 @@ SCHEMA_FILE = Path(__file__).resolve().parent / "schema" / "manifest.schema.json
 MAX_MANIFEST_BYTES = 16 << 20
 # The model-config key that holds the number of layers, per family (the layer list must match it).
 LAYER_COUNT_KEYS = {"latte": "num_layers", "cogvideox": "num_layers", "opensora": "depth"}
-SOURCE_KINDS = ("state", "stem", "input", "pipeline")
+FREE_DIMS = ("B", "F", "h", "w", "T")  # batch, latent frames, token grid rows/cols, text tokens
 
 
 def sha256_file(path: Path) -> str:
@@ -328,12 +328,18 @@ def _check_references(m: Manifest) -> None:
     if m.num_layers != declared or (key and m.model_config.get(key) != declared):
         raise ValueError(f"parts.layers lists {m.num_layers} layers, the model has "
                          f"{m.model_config.get(key, declared) if key else declared} (model.config.{key})")
+    if set(m.dims.ranges) != set(FREE_DIMS):
+        raise ValueError(f"dims must declare exactly the free symbols {', '.join(FREE_DIMS)} (the runtime binds "
+                         f"those); others must derive from them (got {', '.join(m.dims.ranges)})")
     symbols = set(m.dims.symbols)
     for where, spec in [(p.name, t) for p in m.all_parts for t in (*p.inputs, *p.outputs)] + \
                        [("flow.pipeline_inputs", t) for t in m.flow.pipeline_inputs]:
         unknown = [d for d in spec.shape if isinstance(d, str) and d not in symbols]
         if unknown:
             raise ValueError(f"{where}: {spec.name} uses undeclared dim(s) {', '.join(unknown)}")
+        if spec.dtype != m.dtype and not spec.fixed_dtype:
+            raise ValueError(f"{where}: {spec.name} is {spec.dtype} in a {m.dtype} export (only fixed_dtype tensors "
+                             f"keep their own dtype)")
     layer = m.layers[0]
     for other in m.layers[1:]:
         if (other.inputs, other.outputs) != (layer.inputs, layer.outputs):

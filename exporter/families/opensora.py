@@ -26,7 +26,7 @@ from .base import COMPONENTS, Family, FolderComponent, IOSpec, LoadedModel, Part
 
 PRESETS = {"tiny": Path(__file__).resolve().parent.parent / "presets" / "opensora-tiny"}
 NULL_CAPTION_FILE = "null_caption.safetensors"
-# Released sampling defaults (shared/reference/opensora-v1.2-stdit3.md).
+# The release's sampling defaults (its v1.2 inference config).
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_FPS, DEFAULT_FRAMES = 30, 7.0, 24, 51
 # 240p 9:16; the release's 426 wide is not a multiple of 16 (VAE 8 x patch 2), which the exported
 # token grid needs: 432 is the nearest that is.
@@ -165,6 +165,9 @@ class OpenSoraFamily(Family):
 
         vae = OpenSoraVAEConfig.from_dict(vae_config)
         cfg = model.config
+        if cfg.patch_size[1] != cfg.patch_size[2]:  # the manifest states one spatial patch size
+            raise ModelError(f"STDiT3 patch size {tuple(cfg.patch_size)} is not square: only square spatial patches "
+                             f"(the release's (1, 2, 2)) are supported")
         return {
             "type": "opensora",
             "latent_channels": cfg.in_channels,

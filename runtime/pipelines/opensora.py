@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from ..errors import ManifestError, ShapeError
+from ..errors import ShapeError
 from ..manifest import Manifest
 from .base import PipelineParts, Sampler, component_errors
 

@@ -4,7 +4,7 @@ Each trace in tests/golden/ (synthetic ones from make_synthetic.py, real runs re
 runtime) is replayed: a fresh controller built from its header is fed its recorded mse, and
 every step's computed layers, source, measure flag and thresholds must equal the recorded
 ones bit for bit. The hand-written cases below go through the same replay; their expected
-decisions are worked out from shared/reference/foresight-algorithm.md, not from the code, so
+decisions are worked out from docs/foresight-algorithm.md, not from the code, so
 the goldens are tied to the documented semantics and not only to what the code does today.
 """
 
