@@ -151,25 +151,17 @@ class Runtime:
         """One video. ``policy``: a name (``none``, ``static``, ``foresight``...), a policy object, or a
         ``Controller`` (reset here); ``policy_overrides`` set its options (``threshold=...``).
         Concurrent calls on one Runtime run one after another (see the module docstring)."""
-        with self._lock:
-            return self._generate(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
-                                  guidance_scale, seed, policy, progress, decode, policy_overrides)
-
-    def check_request(self, prompt, negative_prompt=None, num_frames=None, height=None, width=None,
-                      num_inference_steps=None, guidance_scale=None, seed=0) -> dict:
-        """Every generation argument checked against the manifest, defaults filled in; nothing is run.
-        The CLI calls it before any engine loads (through :func:`check_request`)."""
-        return check_request(self.manifest, prompt, negative_prompt, num_frames, height, width, num_inference_steps,
-                             guidance_scale, seed)
-
-    def _generate(self, prompt, negative_prompt, num_frames, height, width, num_inference_steps, guidance_scale,
-                  seed, policy, progress, decode, policy_overrides) -> GenerationResult:
         t_start = time.perf_counter()
+        req = check_request(self.manifest, prompt, negative_prompt, num_frames, height, width, num_inference_steps,
+                            guidance_scale, seed)
         controller = self.controller(policy, **policy_overrides)
-        config = controller.config
-        req = self.check_request(prompt, negative_prompt, num_frames, height, width, num_inference_steps,
-                                 guidance_scale, seed)
+        with self._lock:
+            return self._generate(req, controller, progress, decode, t_start)
+
+    def _generate(self, req: dict, controller: Controller, progress: bool, decode: bool,
+                  t_start: float) -> GenerationResult:
         self.parts.latent_frames(req["frames"])  # the VAE's frame rule, naming the nearest valid counts
+        prompt, seed, config = req["prompt"], req["seed"], controller.config
         frames, height, width, steps = req["frames"], req["height"], req["width"], req["steps"]
         guidance_scale, negative_prompt = req["guidance_scale"], req["negative_prompt"]
         cfg = guidance_scale > 1.0
