@@ -263,11 +263,11 @@ def describe(family, model, vae_config: dict, dims_spec: dict, entries: list[dic
         "batch": {"min": dims_spec["B"]["min"], "max": dims_spec["B"]["max"]},
         "text_tokens": {"max": dims_spec["T"]["max"]},
     }
-    for key, name in (("default_frames", "frames"), ("default_height", "height"), ("default_width", "width")):
+    for key, axis in (("default_frames", "frames"), ("default_height", "height"), ("default_width", "width")):
         if key in overrides:  # the checkpoint's defaults.json decides the default video shape
-            spec, value = shapes[name], overrides[key]
+            spec, value = shapes[axis], overrides[key]
             if not spec["min"] <= value <= spec["max"] or value % spec.get("multiple_of", 1):
-                raise ExportError(f"{source}/{DEFAULTS_FILE}: {name} {value} is not one the engines accept "
+                raise ExportError(f"{source}/{DEFAULTS_FILE}: {axis} {value} is not one the engines accept "
                                   f"({spec['min']}..{spec['max']}, multiple of {spec.get('multiple_of', 1)})")
             spec["default"] = value
     return {

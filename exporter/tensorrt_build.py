@@ -18,7 +18,7 @@ from pathlib import Path
 
 from runtime.errors import BackendError
 from runtime.manifest import MANIFEST_NAME, Dims, Part, sha256_file
-from runtime.trt import check_runtime_compat, device_identity, require_tensorrt  # noqa: F401 - re-exported
+from runtime.trt import device_identity, require_tensorrt
 
 TIMING_CACHE = "timing.cache"
 

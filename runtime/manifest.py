@@ -209,6 +209,7 @@ class Manifest:
     components: Mapping[str, str]  # component -> relative path (folder or file)
     files: Mapping[str, FileEntry]  # every file the runtime may read, relative path -> hash and size
     foresight_defaults: Mapping
+    source: Mapping = field(default_factory=dict)  # the checkpoint it was exported from (for tools; never read)
     tensorrt: Mapping | None = None
     raw: Mapping = field(default_factory=dict, repr=False)  # for writers that update one section
 
@@ -287,6 +288,19 @@ def load_manifest(folder: str | Path, verify_hashes: bool = True) -> Manifest:
     return manifest
 
 
+def describe_in_memory(data: dict) -> Manifest:
+    """A manifest for engines held in memory (no files: the torch backend handed its modules,
+    e.g. tools/gpu_check.py): the same schema and cross-reference checks, no file checks."""
+    where = Path("<in-memory>")
+    _check_schema(data, where, "fix the description")
+    try:
+        manifest = _parse(where, data)
+        _check_references(manifest)
+    except ValueError as exc:
+        raise ManifestError(f"{where}: {exc}") from None
+    return manifest
+
+
 def _check_schema(data: dict, mpath: Path, fix: str) -> None:
     import jsonschema
 
@@ -309,7 +323,7 @@ def _parse(root: Path, data: dict) -> Manifest:
         components=MappingProxyType(dict(data["components"])),
         files=MappingProxyType({k: FileEntry(v["sha256"], v["bytes"]) for k, v in data["files"].items()}),
         foresight_defaults=MappingProxyType(data["foresight_defaults"]),
-        tensorrt=tensorrt, raw=data,
+        source=MappingProxyType(data["model"].get("source", {})), tensorrt=tensorrt, raw=data,
     )
 
 

@@ -1,12 +1,12 @@
 """This runtime against diffusers' own caches: speed, fidelity, adherence and memory, side by side in one process.
 
-    python tools/compare.py --json /tmp/cmp.json --plot /tmp/cmp.png --markdown BENCHMARKS.md
-    python tools/compare.py --steps 6 --repeats 1 --prompts 1 --methods diffusers,pab,foresight --backends onnxruntime
-    python tools/compare.py --size latte --device cuda --backends torch    # GPU: a Latte-1-sized model, random weights
+    python -m tools.compare --json /tmp/cmp.json --plot /tmp/cmp.png --markdown BENCHMARKS.md
+    python -m tools.compare --steps 6 --repeats 1 --prompts 1 --methods diffusers,pab,foresight --backends onnxruntime
+    python -m tools.compare --size latte --device cuda --backends torch    # GPU: a Latte-1-sized model, random weights
 
 Configurations, by family (``--methods`` picks families; ``diffusers`` is always run):
 - ``diffusers``: the model's diffusers pipeline (``LattePipeline`` for Latte, loaded and timed by
-  tools/benchmark.py's ``DiffusersRunner``), eager, full compute. The speed baseline, and the
+  tools/harness.py's ``DiffusersRunner``), eager, full compute. The speed baseline, and the
   reference of every PSNR/SSIM: the frames it makes for the same prompt and seed.
 - diffusers' built-in caches on that pipeline, enabled with ``transformer.enable_cache(config)``,
   each at the settings in ``CACHE_SETTINGS``: ``pab`` (Pyramid Attention Broadcast), ``fastercache``,
@@ -45,7 +45,7 @@ Protocol: a quality pass, then timed rounds.
   the denoising seconds (the denoising loop only, the window of tools/benchmark.py's docstring;
   the runtime's own ``denoise_seconds``) and of the end-to-end seconds (wall clock of the whole
   call: text encoding, loop, VAE decode, frames to uint8), speedups over diffusers' medians, and
-  the largest peak memory (``PeakMemory``: CUDA ``max_memory_allocated``; on CPU the process's
+  the largest peak memory (harness's ``PeakMemory``: CUDA ``max_memory_allocated``; on CPU the process's
   peak resident set during the run over its resident set before it).
 
 Skipped share, by family: ``layers`` (runtime: layer calls skipped, its own stats), ``blocks``
@@ -74,7 +74,6 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
-import datetime
 import io
 import logging
 import math
@@ -89,23 +88,19 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script: the repository's packages and tools/ become importable
-    sys.path.insert(0, str(ROOT))
+from foresight import POLICIES, ConfigError
+from runtime.backends import BACKENDS
+from runtime.errors import BackendError
+from tools import common, evaluate, harness
+from tools.common import csv_choices, fmt
+from tools.evaluate import PROMPT_SEED
+from tools.harness import BASELINE
+from tools.metrics import psnr, ssim
+from tools.synthetic import held_out_prompts
 
-from foresight import POLICIES, ConfigError  # noqa: E402
-from runtime.backends import BACKENDS  # noqa: E402
-from runtime.errors import BackendError  # noqa: E402
-from tools import benchmark, common, evaluate  # noqa: E402
-from tools.common import csv_choices  # noqa: E402
-from tools.metrics import psnr, ssim  # noqa: E402
-from tools.synthetic import held_out_prompts  # noqa: E402
-
-BASELINE = "diffusers"
 CACHES = ("pab", "fastercache", "fbc", "taylorseer", "magcache")
 METHODS = (BASELINE, *CACHES, *POLICIES)
 SIZES = ("shipped", "latte", "tiny")  # the latter two: tools/gpu_check.py's SIZES
-PROMPT_SEED = 12345  # tools/evaluate.py's default held-out prompt draw
 THRESHOLD_FACTORS = (0.5, 1.0, 2.0)
 
 # diffusers' config class per cache family, and 2-3 settings each: a label and the config's arguments.
@@ -145,8 +140,7 @@ MARKERS = {BASELINE: "*", "pab": "s", "fastercache": "D", "fbc": "^", "taylorsee
            "none": "o", "static": "X", "foresight": "h"}
 
 
-def log(message: str) -> None:
-    print(f"[compare] {message}", file=sys.stderr, flush=True)
+log = common.logger("compare")
 
 
 # ------------------------------------------------------------------ configurations
@@ -281,68 +275,6 @@ class CallCounter:
         }
 
 
-class PeakMemory:
-    """Peak memory of one run, MiB. CUDA: ``torch.cuda.max_memory_allocated`` (all that torch holds on
-    the GPU, so every model loaded in the process: compare differences between rows). CPU on Linux:
-    the peak resident set during the run (VmHWM, reset before it by writing 5 to /proc/self/clear_refs)
-    minus the resident set before it. Elsewhere: the growth of ``ru_maxrss``, the process's lifetime
-    peak, which is 0 once an earlier run went higher."""
-
-    def __init__(self, device):
-        import torch
-
-        self.torch, self.device = torch, torch.device(device)
-        self.mib: float | None = None
-        self.mode = "cuda" if self.device.type == "cuda" else "hwm" if self._reset_hwm() else "maxrss"
-        self.method = {
-            "cuda": "torch.cuda.max_memory_allocated during the run (every loaded model's weights included)",
-            "hwm": "peak RSS during the run minus RSS before it (Linux VmHWM, reset per run)",
-            "maxrss": "growth of the process's peak RSS (ru_maxrss; 0 once an earlier run peaked higher)",
-        }[self.mode]
-
-    @staticmethod
-    def _reset_hwm() -> bool:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            return True
-        except OSError:
-            return False
-
-    @staticmethod
-    def _status_kib(key: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-        raise OSError(f"no {key} in /proc/self/status")
-
-    @staticmethod
-    def _maxrss_kib() -> float:
-        import resource
-
-        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return r / 1024 if sys.platform == "darwin" else r  # bytes on macOS, KiB elsewhere
-
-    def __enter__(self):
-        if self.mode == "cuda":
-            self.torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.mode == "hwm":
-            self._reset_hwm()
-            self._before = self._status_kib("VmRSS")
-        else:
-            self._before = self._maxrss_kib()
-        return self
-
-    def __exit__(self, *exc):
-        if self.mode == "cuda":
-            self.mib = self.torch.cuda.max_memory_allocated(self.device) / 2**20
-        elif self.mode == "hwm":
-            self.mib = max(0, self._status_kib("VmHWM") - self._before) / 1024
-        else:
-            self.mib = max(0.0, self._maxrss_kib() - self._before) / 1024
-
-
 class DiffusersWarnings(logging.Handler):
     """Collects diffusers' log warnings into ``into`` instead of printing them (FasterCache's
     experimental-feature notice would repeat on every enable_cache)."""
@@ -372,7 +304,7 @@ class DiffusersWarnings(logging.Handler):
 
 
 def diffusers_run(runner, steps: int, clock: StepClock, cache=None) -> Callable[..., Sample]:
-    """One generation through ``runner`` (a tools/benchmark.py DiffusersRunner), with ``cache`` enabled."""
+    """One generation through ``runner`` (a tools/harness.py DiffusersRunner), with ``cache`` enabled."""
     def run(prompt: str, seed: int, count: bool = False) -> Sample:
         transformer = runner.pipe.transformer
         with contextlib.ExitStack() as stack:
@@ -387,7 +319,7 @@ def diffusers_run(runner, steps: int, clock: StepClock, cache=None) -> Callable[
 
 
 def runtime_run(runner, steps: int) -> Callable[..., Sample]:
-    """One generation through ``runner`` (a tools/benchmark.py RuntimeRunner)."""
+    """One generation through ``runner`` (a tools/harness.py RuntimeRunner)."""
     def run(prompt: str, seed: int, count: bool = False) -> Sample:
         t0 = time.perf_counter()
         out = runner(prompt, seed, steps, decode=True)
@@ -478,7 +410,7 @@ def runtime_configs(policies, backends, load, steps: int, thresholds: list[float
                     else [None]:
                 cfg = rt.make_policy(policy, threshold=t)  # None: the policy's own values
                 configs.append(Config(f"{backend}/{policy}" + ("" if t is None else f"@{t:g}"), policy,
-                                      cfg.to_dict(), runtime_run(benchmark.RuntimeRunner(rt, cfg), steps)))
+                                      cfg.to_dict(), runtime_run(harness.RuntimeRunner(rt, cfg), steps)))
     return configs
 
 
@@ -539,12 +471,6 @@ def summarize(configs: list[Config]) -> list[dict]:
 
 
 # ------------------------------------------------------------------ report
-def _fmt(value, spec: str) -> str:
-    if value is None:
-        return "-"
-    return "inf" if isinstance(value, float) and math.isinf(value) else format(value, spec)
-
-
 def notes(r: dict) -> str:
     out = []
     if r["status"] == "ok":
@@ -569,8 +495,7 @@ HEAD = ["config", "denoise s", "e2e s", "speedup denoise", "speedup e2e", "skipp
 
 def table(results: list[dict]) -> str:
     """Markdown table; consecutive configurations that failed for one reason share a row."""
-    align = ["---"] + ["---:"] * (len(HEAD) - 3) + ["---", "---"]
-    lines = ["| " + " | ".join(HEAD) + " |", "|" + "|".join(align) + "|"]
+    rows = []
     i = 0
     while i < len(results):
         r = results[i]
@@ -584,18 +509,18 @@ def table(results: list[dict]) -> str:
                 name = f"{r['method']} ({', '.join(n.split('/', 1)[1] for n in names)})"
             else:
                 name = ", ".join(names)
-            lines.append("| " + " | ".join([name] + ["-"] * (len(HEAD) - 2) + [notes(r)]) + " |")
+            rows.append([name] + ["-"] * (len(HEAD) - 2) + [notes(r)])
             i = j + 1
             continue
-        lines.append("| " + " | ".join([
-            r["config"], _fmt(r["denoise_seconds"], ".3f"), _fmt(r["e2e_seconds"], ".3f"),
-            _fmt(r["speedup_denoise"], ".2f") + "x", _fmt(r["speedup_e2e"], ".2f") + "x",
-            f"{100 * r['skipped_share']:.1f}% {r['skipped_unit']}", _fmt(r["psnr"], ".2f"), _fmt(r["ssim"], ".4f"),
-            _fmt(r["color_adherence"], ".0f"), _fmt(r["direction_adherence"], ".0f"),
-            _fmt(r["peak_memory_mib"], ".1f"), "yes" if r["pareto"] else "", notes(r),
-        ]) + " |")
+        rows.append([
+            r["config"], fmt(r["denoise_seconds"], ".3f"), fmt(r["e2e_seconds"], ".3f"),
+            fmt(r["speedup_denoise"], ".2f") + "x", fmt(r["speedup_e2e"], ".2f") + "x",
+            f"{100 * r['skipped_share']:.1f}% {r['skipped_unit']}", fmt(r["psnr"], ".2f"), fmt(r["ssim"], ".4f"),
+            fmt(r["color_adherence"], ".0f"), fmt(r["direction_adherence"], ".0f"),
+            fmt(r["peak_memory_mib"], ".1f"), "yes" if r["pareto"] else "", notes(r),
+        ])
         i += 1
-    return "\n".join(lines)
+    return common.markdown_table(HEAD, rows, ["---"] + ["---:"] * (len(HEAD) - 3) + ["---", "---"])
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
@@ -645,19 +570,13 @@ def markdown_section(report: dict) -> str:
     settings = "; ".join(f"`{r['config']}` {r['params']}" for r in report["results"]
                          if r["method"] in CACHES and r["status"] == "ok")
     mag = report.get("magcache_ratios")
-    return (
-        f"### {report['date']}: compare, {c['model']}, {c['steps']} steps, {c['repeats']} repeats, "
-        f"{c['prompts']} prompts, {m['device']}\n\n"
-        f"`{report['command']}`\n\n"
-        f"{m['platform']}, {m['cpus_usable']} CPUs usable; torch {m['torch']} ({m['torch_num_threads']} threads), "
-        f"onnxruntime {m['onnxruntime']} (intra-op threads {m['onnxruntime_intra_op_threads']}), diffusers "
-        f"{m['diffusers']}; load average {m['loadavg_start']} before, {m['loadavg_end']} after. Held-out prompts "
-        f"of tools/synthetic.py (seed {PROMPT_SEED}), prompt i with seed {c['seed']} + i. Timing: {c['timing']}. "
-        f"Peak memory: {report['memory_method']}.\n\n"
-        f"{report['table']}\n\n"
-        + (f"Cache settings: {settings}.\n\n" if settings else "")
-        + (f"MagCache ratios: {mag['source']}.\n\n" if mag else "")
-    )
+    return common.markdown_section(
+        report, f"compare, {c['model']}, {c['steps']} steps, {c['repeats']} repeats, {c['prompts']} prompts, "
+        f"{m['device']}",
+        f"{harness.machine_summary(m, ort_threads=True)} Held-out prompts of tools/synthetic.py (seed {PROMPT_SEED}), "
+        f"prompt i with seed {c['seed']} + i. Timing: {c['timing']}. Peak memory: {report['memory_method']}.",
+        (f"Cache settings: {settings}.\n\n" if settings else "")
+        + (f"MagCache ratios: {mag['source']}.\n\n" if mag else ""))
 
 
 # ------------------------------------------------------------------ the comparison
@@ -667,9 +586,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Diffusers full compute, diffusers' built-in caches and this runtime's policies side by side: "
         "denoising and end-to-end speedup, share skipped, PSNR/SSIM vs full compute, adherence, peak memory.",
     )
-    ap.add_argument("--engines", type=Path, default=benchmark.DEFAULT_ENGINES,
-                    help=f"engines folder (default {benchmark.DEFAULT_ENGINES}; exported from the tiny preset if "
-                    "missing)")
+    harness.add_engines_arg(ap)
     ap.add_argument("--size", choices=SIZES, default="shipped",
                     help="shipped: the engines folder's model (default); latte / tiny: tools/gpu_check.py's "
                     "random-weight models built in memory (torch backend only; latte is meant for --device cuda)")
@@ -687,9 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None,
                     help="torch and ONNX Runtime intra-op threads (default: theirs; 1 on a machine shared with "
                     "another job: spinning thread pools on busy cores slow every run many times over)")
-    ap.add_argument("--json", type=Path, default=None, help="write the configuration, results and per-prompt rows")
-    ap.add_argument("--markdown", type=Path, default=None,
-                    help="append a dated section with the command, machine and table (e.g. BENCHMARKS.md)")
+    common.add_report_args(ap, "write the configuration, results and per-prompt rows")
     ap.add_argument("--plot", type=Path, default=None, help="write the PSNR / speedup Pareto plot (PNG)")
     return ap
 
@@ -714,10 +629,10 @@ def load_model(args, engines: Path | None):
         from runtime.manifest import load_manifest
 
         manifest = load_manifest(engines)
-        pipeline_class = get_family(manifest.data["model"]["family"]).pipeline_class
+        pipeline_class = get_family(manifest.family).pipeline_class
         if pipeline_class != "LattePipeline":  # DiffusersRunner drives LattePipeline's call signature
-            raise ConfigError(f"{pipeline_class} has no runner in tools/benchmark.py yet: add one there")
-        runner = benchmark.DiffusersRunner(manifest.data["model"]["source"]["checkpoint"], manifest, args.device)
+            raise ConfigError(f"{pipeline_class} has no runner in tools/harness.py yet: add one there")
+        runner = harness.DiffusersRunner.load(manifest.source["checkpoint"], manifest, args.device)
         extra = {"threads": args.threads} if args.threads else {}
 
         def load(backend):
@@ -736,7 +651,7 @@ def load_model(args, engines: Path | None):
     with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
         LattePipeline(**{k: components[k] for k in ("tokenizer", "text_encoder", "vae", "transformer",
                                                     "scheduler")}).save_pretrained(tmp)
-        runner = benchmark.DiffusersRunner(tmp, rt.manifest, args.device)
+        runner = harness.DiffusersRunner.load(tmp, rt.manifest, args.device)
     runner.pipe.to(dtype=dtype)
 
     def load(backend):
@@ -769,15 +684,15 @@ def _compare(args, command: str) -> dict:
     if BASELINE not in methods:
         log(f"adding {BASELINE!r}: it is the baseline of every speedup and the reference of every PSNR/SSIM")
         methods.insert(0, BASELINE)
-    engines = benchmark.ensure_engines(args.engines) if args.size == "shipped" else None
+    engines = harness.ensure_engines(args.engines, log) if args.size == "shipped" else None
     prompts = held_out_prompts(args.prompts, PROMPT_SEED)
     diffusers_log = DiffusersWarnings()
     with diffusers_log.installed():
         runner, load, manifest, dtype = load_model(args, engines)
-        machine = benchmark.machine_info(args.device)
+        machine = harness.machine_info(args.device)
         if args.threads:
             machine["onnxruntime_intra_op_threads"] = args.threads
-        benchmark.warn_if_busy(machine)
+        harness.warn_if_busy(machine, log)
         load_now = machine["loadavg_start"]
         if not args.threads and load_now and load_now[0] > 0.5 * machine["cpus_usable"]:
             log("hint: on a machine shared with another job, --threads 1 keeps thread pools from spinning on busy "
@@ -788,9 +703,9 @@ def _compare(args, command: str) -> dict:
         configs += runtime_configs([p for p in POLICIES if p in methods], args.backends, load, args.steps,
                                    args.thresholds)
         mag = next((c.params["mag_ratios"] for c in configs if c.method == "magcache" and c.error is None), None)
-        memory = PeakMemory(args.device)
+        memory = harness.PeakMemory(args.device)
         active = [c for c in configs if c.error is None]
-        log(f"{manifest.data['name']}: {args.steps} steps, {len(active)} configurations ({len(configs) - len(active)} "
+        log(f"{manifest.name}: {args.steps} steps, {len(active)} configurations ({len(configs) - len(active)} "
             f"not runnable), {len(prompts)} prompts for quality, {args.repeats} timed rounds; torch "
             f"{torch.get_num_threads()} threads")
 
@@ -813,12 +728,12 @@ def _compare(args, command: str) -> dict:
                 reference = sample.frames if reference is None else reference  # the baseline runs first
                 c.rows.append(quality_row(sample, reference, prompt, args.seed + i, SKIP_UNIT[c.method]))
             log(f"quality [{i + 1}/{len(prompts)}] {prompt!r}: " + ", ".join(
-                f"{c.name} {_fmt(c.rows[-1]['psnr'], '.1f')} dB" for c in active[1:] if c.error is None and c.rows))
+                f"{c.name} {fmt(c.rows[-1]['psnr'], '.1f')} dB" for c in active[1:] if c.error is None and c.rows))
 
         active = [c for c in active if c.error is None]
         for r in range(args.repeats):  # timed rounds
             i = r % len(prompts)
-            for c in active[r % len(active):] + active[:r % len(active)]:
+            for c in common.rotated(active, r):
                 diffusers_log.into = c.warnings
                 with memory:
                     sample = c.run(prompts[i], args.seed + i)
@@ -827,20 +742,17 @@ def _compare(args, command: str) -> dict:
                 c.e2e.append(sample.e2e_seconds)
                 c.memory.append(memory.mib)
             log(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{c.name} {c.denoise[-1]:.3f} s" for c in active))
-    machine["loadavg_end"] = benchmark.loadavg()
+    machine["loadavg_end"] = harness.loadavg()
 
     results = summarize(configs)
-    shapes = manifest.data["shapes"]
     report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": common.utc_now(),
         "command": command,
         "config": {
-            "model": manifest.data["name"], "size": args.size, "engines": str(engines) if engines else None,
+            "model": manifest.name, "size": args.size, "engines": str(engines) if engines else None,
             "steps": args.steps, "repeats": args.repeats, "prompts": args.prompts, "seed": args.seed,
             "prompt_seed": PROMPT_SEED, "methods": methods, "backends": args.backends, "thresholds": args.thresholds,
-            "device": args.device, "dtype": str(dtype).removeprefix("torch."),
-            "frames": shapes["frames"]["default"], "height": shapes["height"]["default"],
-            "width": shapes["width"]["default"], "guidance_scale": manifest.pipeline["default_guidance"],
+            "device": args.device, "dtype": str(dtype).removeprefix("torch."), **harness.manifest_defaults(manifest),
             "timing": "denoising loop (tools/benchmark.py's window) and end-to-end call, medians over "
                       "interleaved rounds after a quality pass that warms every configuration up",
         },
@@ -866,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"speedup vs fidelity to diffusers full compute")
             say(f"wrote {args.plot}")
 
-    return common.report_main("compare", args, argv, run_compare, evaluate.write_json, markdown_section, more)
+    return common.report_main("compare", args, argv, run_compare, markdown_section, more)
 
 
 if __name__ == "__main__":

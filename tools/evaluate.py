@@ -1,6 +1,6 @@
 """Prompt adherence and fidelity of a model trained on the synthetic domain (tools/synthetic.py).
 
-    python tools/evaluate.py --engines engines/latte-synth --prompts 32 --policies none,static,foresight \\
+    python -m tools.evaluate --engines engines/latte-synth --prompts 32 --policies none,static,foresight \\
         --json /tmp/eval.json
 
 Every prompt is generated with every policy from the same seed (``seed + i`` for prompt i),
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shlex
 import statistics
 import sys
 from dataclasses import fields
@@ -31,18 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run as a script: the repository's packages and tools/ become importable
-    sys.path.insert(0, str(ROOT))
-
-from foresight import POLICIES, ConfigError, make_config  # noqa: E402
-from runtime.errors import ForesightError  # noqa: E402  (no torch: runtime imports its engine lazily)
-from tools import common  # noqa: E402
-from tools.common import csv_choices  # noqa: E402
-from tools.metrics import psnr, ssim  # noqa: E402
-from tools.synthetic import BACKGROUNDS, COLORS, REFERENCE_SIZE, held_out_prompts, parse_prompt  # noqa: E402
+from foresight import POLICIES, ConfigError, make_config
+from tools import common
+from tools.common import csv_choices, fmt
+from tools.metrics import psnr, ssim
+from tools.synthetic import BACKGROUNDS, COLORS, REFERENCE_SIZE, held_out_prompts, parse_prompt
 
 REFERENCE_POLICY = "none"
+PROMPT_SEED = 12345  # the default held-out prompt draw (compare.py's too)
 # Scorer constants, in RGB units and in pixels of a 32x32 frame (scaled by min(H, W) / 32).
 MASK_THRESHOLD = 45.0  # RGB distance from the background above which a pixel is object; half the
 #                        palette's 90+ px minimum background-object distance (tools/synthetic.py)
@@ -51,8 +46,7 @@ MIN_OBJECT_PIXELS = 2  # a frame whose mask holds fewer pixels has no object
 NONE = "none"  # the detected direction of a still, lost or absent object; never correct
 
 
-def log(message: str) -> None:
-    print(f"[evaluate] {message}", file=sys.stderr, flush=True)
+log = common.logger("evaluate")
 
 
 # ------------------------------------------------------------------ scoring one clip
@@ -207,8 +201,7 @@ def evaluate(engines_dir, prompts, seed: int = 0, policies=("none", "foresight")
     generate(prompts[0], seed, REFERENCE_POLICY)  # warm-up, untimed: first-call costs stay out of the ratios
     rows, configs = [], {}
     for i, prompt in enumerate(prompts):
-        order = policies[i % len(policies):] + policies[:i % len(policies)]
-        results = {policy: generate(prompt, seed + i, policy) for policy in order}
+        results = {policy: generate(prompt, seed + i, policy) for policy in common.rotated(policies, i)}
         reference = results[REFERENCE_POLICY].frames
         for policy in policies:
             r = results[policy]
@@ -241,36 +234,15 @@ def evaluate(engines_dir, prompts, seed: int = 0, policies=("none", "foresight")
 
 
 # ------------------------------------------------------------------ report
-def _fmt(value: float, spec: str) -> str:
-    return "inf" if math.isinf(value) else format(value, spec)
-
-
 def table(aggregates: list[dict]) -> str:
     head = ["policy", "colour %", "direction %", "both %", "PSNR vs none (dB)", "SSIM vs none", "layers skipped",
             "denoise s (median)", "speedup"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
-    for a in aggregates:
-        lines.append("| " + " | ".join([
-            a["policy"], f"{a['color_adherence']:.1f}", f"{a['direction_adherence']:.1f}",
-            f"{a['both_adherence']:.1f}", _fmt(a["mean_psnr_vs_none"], ".2f"), f"{a['mean_ssim_vs_none']:.4f}",
-            f"{100 * a['mean_skipped_share']:.1f}%", f"{a['median_denoise_seconds']:.3f}",
-            _fmt(a["speedup_vs_none"], ".2f") + "x",
-        ]) + " |")
-    return "\n".join(lines)
-
-
-def _json_safe(value):
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def write_json(report: dict, path: Path) -> None:
-    common.write_json(_json_safe(report), path)
+    return common.markdown_table(head, [[
+        a["policy"], f"{a['color_adherence']:.1f}", f"{a['direction_adherence']:.1f}",
+        f"{a['both_adherence']:.1f}", fmt(a["mean_psnr_vs_none"], ".2f"), f"{a['mean_ssim_vs_none']:.4f}",
+        f"{100 * a['mean_skipped_share']:.1f}%", f"{a['median_denoise_seconds']:.3f}",
+        fmt(a["speedup_vs_none"], ".2f") + "x",
+    ] for a in aggregates])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -282,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--engines", type=Path, required=True,
                     help="engines folder of a model trained on tools/synthetic.py")
     ap.add_argument("--prompts", type=int, default=32, help="number of held-out prompts (default 32)")
-    ap.add_argument("--prompt-seed", type=int, default=12345, help="seed of held_out_prompts (default 12345)")
+    ap.add_argument("--prompt-seed", type=int, default=PROMPT_SEED,
+                    help=f"seed of held_out_prompts (default {PROMPT_SEED})")
     ap.add_argument("--seed", type=int, default=0, help="generation seed of prompt 0; prompt i uses seed + i")
     ap.add_argument("--policies", type=csv_choices(POLICIES), default=["none", "static", "foresight"],
                     help=f"comma-separated (default none,static,foresight; {REFERENCE_POLICY} is always added)")
@@ -296,30 +269,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def run_evaluate(args, command: str) -> dict:
+    if args.prompts < 1:
+        raise ConfigError("--prompts must be >= 1")
+    report = evaluate(args.engines, held_out_prompts(args.prompts, args.prompt_seed), seed=args.seed,
+                      policies=args.policies, backend=args.backend, steps=args.steps, guidance=args.guidance,
+                      warmup=args.warmup, recalculate=args.recalculate, threshold=args.threshold)
+    report["command"] = command
+    report["table"] = table(report["aggregates"])
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = "python tools/evaluate.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    if args.prompts < 1:
-        print("evaluate: error: --prompts must be >= 1", file=sys.stderr)
-        return 2
-    try:
-        report = evaluate(args.engines, held_out_prompts(args.prompts, args.prompt_seed), seed=args.seed,
-                          policies=args.policies, backend=args.backend, steps=args.steps, guidance=args.guidance,
-                          warmup=args.warmup,
-                          recalculate=args.recalculate, threshold=args.threshold)
-    except (ConfigError, ForesightError) as exc:
-        print(f"evaluate: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("evaluate: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    report["command"] = command.strip()
-    report["table"] = table(report["aggregates"])
-    print(report["table"])
-    if args.json:
-        write_json(report, args.json)
-        log(f"wrote {args.json}")
-    return 0
+    return common.report_main("evaluate", args, argv, run_evaluate)
 
 
 if __name__ == "__main__":

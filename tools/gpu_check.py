@@ -1,8 +1,8 @@
 """GPU check: a Latte-sized model through the runtime's torch CUDA backend, side by side with
 diffusers eager on the same GPU. One script, one process, results under ``--out``.
 
-    python tools/gpu_check.py --out "$OUT"                       # H100/H200: < 8 minutes
-    python tools/gpu_check.py --out /tmp/gc --size tiny --device cpu --steps 3   # CPU smoke run
+    python -m tools.gpu_check --out "$OUT"                       # H100/H200: < 8 minutes
+    python -m tools.gpu_check --out /tmp/gc --size tiny --device cpu --steps 3   # CPU smoke run
 
 The model has Latte-1's transformer configuration (hidden 1152 = 16 heads x 72, 28 layers,
 patch 2, 16 frames) with random weights, a one-layer T5 with Latte-1's 4096-wide caption
@@ -20,24 +20,20 @@ graphs, peak memory of each configuration; ``gpu_check.json`` and ``gpu_check.md
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
+from tools import common
+from tools.harness import DEFAULT_PROMPT, DiffusersRunner, PeakMemory, Stopwatch
 
 SIZES = {
     # Latte-1 (maxin-cn/Latte-1 transformer/config.json), 256x256: latent 32x32.
     "latte": dict(heads=16, head_dim=72, layers=28, sample_size=32, patch=2, frames=16, caption=4096, vae_levels=4),
     "tiny": dict(heads=2, head_dim=16, layers=3, sample_size=8, patch=2, frames=4, caption=64, vae_levels=2),
 }
-PROMPT = "a red panda eating bamboo in a sunny forest"
 
 
 def build(size: dict, device, dtype, seed: int = 0):
@@ -69,21 +65,23 @@ def in_memory_runtime(components: dict, device, dtype, cuda_graphs: bool = False
     """The runtime over an engines description held in memory (no ONNX files)."""
     from exporter.export import describe
     from exporter.families import get_family
-    from runtime.backends import TorchBackend
+    from dit.latte import part_modules
+    from runtime.backends import make_backend
     from runtime.engine import Runtime
-    from runtime.manifest import Manifest
-    from runtime.pipeline import make_pipeline
+    from runtime.manifest import describe_in_memory
+    from runtime.pipelines import make_pipeline
 
     family = get_family("latte")
     model = components["transformer"]
     parts = family.parts(model)
-    entries = [{"name": p.name, "file": None, "sha256": None, "inputs": [s.to_dict() for s in p.inputs],
-                "outputs": [s.to_dict() for s in p.outputs]} for p in parts]
+    entries = [{"name": p.name, "file": f"{p.name}.onnx", "inputs": [s.to_dict() for s in p.inputs],
+                "outputs": [s.to_dict() for s in p.outputs]} for p in parts]  # files never read
     vae_config = dict(components["vae"].config)
     dims = family.dims(model, 2 ** (len(vae_config["block_out_channels"]) - 1))
-    manifest = Manifest(Path("."), describe(family, model, vae_config, dims, entries, name="in-memory",
-                                            source="in-memory"))
-    backend = TorchBackend(manifest, device, dtype=dtype, model=model, cuda_graphs=cuda_graphs)
+    description = describe(family, model, vae_config, dims, entries, name="in-memory", source="in-memory")
+    description["pipeline"]["max_steps"] = int(components["scheduler"].config.num_train_timesteps)
+    manifest = describe_in_memory(description)
+    backend = make_backend("torch", manifest, device, modules=part_modules(model), dtype=dtype, cuda_graphs=cuda_graphs)
     return Runtime(manifest, backend, make_pipeline(manifest, torch.device(device), components), torch.device(device))
 
 
@@ -118,56 +116,26 @@ class PartTimer:
 
 
 def diffusers_denoise(components, device, steps, frames, height, width, seed):
-    """Seconds of LattePipeline's denoising loop (its progress-bar block), of its transformer calls, and
-    its final latents."""
-    import contextlib
-
+    """Seconds of LattePipeline's denoising loop (the harness's window), the mean of its transformer calls,
+    and its final latents."""
     from diffusers import LattePipeline
 
     pipe = LattePipeline(**{k: components[k] for k in ("tokenizer", "text_encoder", "vae", "transformer",
                                                         "scheduler")})
-    window, calls = {}, []
-
-    @contextlib.contextmanager
-    def bar(total=None, **_):
-        sync(device)
-        window["start"] = time.perf_counter()
-        yield type("Bar", (), {"update": lambda *a, **k: None})()
-        sync(device)
-        window["end"] = time.perf_counter()
-
-    pipe.progress_bar = bar
+    runner = DiffusersRunner(pipe, dict(video_length=frames, height=height, width=width, clean_caption=False), device)
+    calls = Stopwatch(device)
     forward = pipe.transformer.forward
 
     def timed_forward(*a, **k):
-        sync(device)
-        t = time.perf_counter()
-        out = forward(*a, **k)
-        sync(device)
-        calls.append(time.perf_counter() - t)
-        return out
+        with calls.window():
+            return forward(*a, **k)
 
     pipe.transformer.forward = timed_forward
     try:
-        out = pipe(PROMPT, num_inference_steps=steps, video_length=frames, height=height, width=width,
-             generator=torch.Generator("cpu").manual_seed(seed), output_type="latent", clean_caption=False)
+        out = runner(DEFAULT_PROMPT, seed, steps, decode=False)
     finally:
         del pipe.transformer.forward
-    return window["end"] - window["start"], statistics.mean(calls), out.frames
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def peak_reset(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gib(device) -> float | None:
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.device(device).type == "cuda" else None
+    return out.seconds, statistics.mean(calls.seconds), out.latents
 
 
 def main(argv=None) -> dict:
@@ -202,26 +170,31 @@ def main(argv=None) -> dict:
         configs["foresight+cudagraphs"] = (rt_graphs, dict(policy="foresight"))
     samples = {name: [] for name in ["diffusers", *configs]}
     memory, skipped, transformer_call = {}, {}, []
+    peak = PeakMemory(device)
+
+    def peak_gib() -> float | None:  # on CPU memory is left out: every run shares the one process's RSS
+        return peak.mib / 1024 if cuda else None
+
     for name, (runtime, kw) in configs.items():  # warm-up (and CUDA graph capture)
-        runtime.generate(PROMPT, **gen, **kw)
+        runtime.generate(DEFAULT_PROMPT, **gen, **kw)
     diffusers_denoise(components, device, 2, size["frames"], px, px, args.seed)
     latents = {}
     for _ in range(args.repeats):  # interleaved rounds
-        peak_reset(device)
-        seconds, per_call, latents["diffusers"] = diffusers_denoise(components, device, args.steps, size["frames"],
-                                                                    px, px, args.seed)
+        with peak:
+            seconds, per_call, latents["diffusers"] = diffusers_denoise(components, device, args.steps,
+                                                                        size["frames"], px, px, args.seed)
         samples["diffusers"].append(seconds)
         transformer_call.append(per_call)
-        memory["diffusers"] = peak_gib(device)
+        memory["diffusers"] = peak_gib()
         for name, (runtime, kw) in configs.items():
-            peak_reset(device)
-            r = runtime.generate(PROMPT, **gen, **kw)
+            with peak:
+                r = runtime.generate(DEFAULT_PROMPT, **gen, **kw)
             samples[name].append(r.stats["denoise_seconds"])
             latents[name] = r.latents
             skipped[name] = r.stats["skipped_share"]
-            memory[name] = peak_gib(device)
+            memory[name] = peak_gib()
     with PartTimer(rt.backend, device) as timer:
-        rt.generate(PROMPT, **gen, policy="none")
+        rt.generate(DEFAULT_PROMPT, **gen, policy="none")
     part_ms = {part: statistics.mean(v) for part, v in timer.samples.items()}
     med = {k: statistics.median(v) for k, v in samples.items()}
     base = med["diffusers"]
@@ -241,7 +214,7 @@ def main(argv=None) -> dict:
     # One denoising step in the run's dtype: one forward's worth of rounding, before a random-weight
     # model's 20 steps amplify it (its latents grow to hundreds), and the whole run in float32.
     _, _, latents["diffusers_1_step"] = diffusers_denoise(components, device, 1, size["frames"], px, px, args.seed)
-    latents["none_1_step"] = rt.generate(PROMPT, **{**gen, "num_inference_steps": 1}, policy="none").latents
+    latents["none_1_step"] = rt.generate(DEFAULT_PROMPT, **{**gen, "num_inference_steps": 1}, policy="none").latents
     agreement["none_vs_diffusers_1_step"] = rel("none_1_step", "diffusers_1_step")
     if dtype != torch.float32:
         del rt_graphs, configs
@@ -249,7 +222,7 @@ def main(argv=None) -> dict:
         rt32 = in_memory_runtime(components, device, torch.float32)
         _, _, latents["diffusers_float32"] = diffusers_denoise(components, device, args.steps, size["frames"], px,
                                                                px, args.seed)
-        latents["none_float32"] = rt32.generate(PROMPT, **gen, policy="none").latents
+        latents["none_float32"] = rt32.generate(DEFAULT_PROMPT, **gen, policy="none").latents
         agreement["none_vs_diffusers_float32"] = rel("none_float32", "diffusers_float32")
     report = {
         "device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -267,12 +240,10 @@ def main(argv=None) -> dict:
     }
     lines = [f"GPU check on {report['device']}: Latte-{args.size} {size['layers']} layers, {size['frames']} frames "
              f"{px}x{px}, {args.dtype}, {args.steps} steps, median of {args.repeats}", "",
-             "| config | denoise s | ms/step | speedup vs diffusers | layers skipped | peak GiB |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for k in samples:
-        mem = memory.get(k)
-        lines.append(f"| {k} | {med[k]:.3f} | {step_ms[k]:.1f} | {base / med[k]:.2f}x | "
-                     f"{100 * skipped.get(k, 0):.1f}% | {'-' if mem is None else f'{mem:.2f}'} |")
+             common.markdown_table(
+                 ["config", "denoise s", "ms/step", "speedup vs diffusers", "layers skipped", "peak GiB"],
+                 [[k, f"{med[k]:.3f}", f"{step_ms[k]:.1f}", f"{base / med[k]:.2f}x", f"{100 * skipped.get(k, 0):.1f}%",
+                   common.fmt(memory.get(k), ".2f")] for k in samples])]
     lines += ["", f"diffusers transformer call: {report['diffusers_transformer_call_ms']:.1f} ms/step; "
                   f"runtime overhead: {report['runtime_overhead_ms_per_step']:.1f} ms/step; "
                   f"mean layer: {report['layer_ms_mean']:.2f} ms; stem {part_ms['stem']:.2f} ms, "
@@ -284,7 +255,7 @@ def main(argv=None) -> dict:
     text = "\n".join(lines)
     print(text)
     (args.out / "gpu_check.md").write_text(text + "\n")
-    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")
+    common.write_json(report, args.out / "gpu_check.json")
     return report
 
 

@@ -21,7 +21,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 ort.get_available_providers())"; } 2>&1 | tee "$OUT/env.txt"
 
 echo "== 1. tools/gpu_check.py"
-timeout 300 python3 tools/gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/gpu_check.log"
+timeout 300 python3 -m tools.gpu_check --out "$OUT" 2>&1 | tee "$OUT/gpu_check.log"
 
 echo "== 2. GPU tests"
 timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/runtime/test_backends.py tests/runtime/test_cuda.py \
@@ -37,5 +37,5 @@ timeout 60 python3 -c "import sys; from runtime.cli import main; sys.exit(main(s
 ls -la "$OUT"
 
 echo "== 4. diffusers caches vs the runtime at Latte-1 size (random weights, torch backend)"
-timeout 240 python3 tools/compare.py --size latte --device cuda --backends torch --steps 20 --prompts 2 --repeats 3 \
+timeout 240 python3 -m tools.compare --size latte --device cuda --backends torch --steps 20 --prompts 2 --repeats 3 \
     --json "$OUT/compare.json" --plot "$OUT/compare.png" 2>&1 | tail -30

@@ -1,48 +1,37 @@
 """Small randomly initialised checkpoints, in the released models' folder layouts.
 
-    python tools/make_tiny.py --model cogvideox --variant 2b --out exporter/presets/cogvideox-tiny
-    python tools/make_tiny.py --model cogvideox --variant 5b --out exporter/presets/cogvideox-tiny-5b
-    python tools/make_tiny.py --model opensora --out /tmp/opensora-tiny
+    python -m tools.make_tiny --model cogvideox --variant 2b --out exporter/presets/cogvideox-tiny
+    python -m tools.make_tiny --model cogvideox --variant 5b --out exporter/presets/cogvideox-tiny-5b
+    python -m tools.make_tiny --model opensora --out /tmp/opensora-tiny
 
 The same architecture classes and configuration keys as the released checkpoints (CogVideoX-2B:
 sin-cos positions and CogVideoXDDIM; CogVideoX-5B: rotary positions and CogVideoXDPM; Open-Sora
 1.2: STDiT3 with the released key names, the Open-Sora VAE and RFlowSampler in the folder layout
-of exporter/models/opensora_pipeline.py), at a size that exports and runs in seconds on a CPU.
+of dit/opensora_pipeline.py), at a size that exports and runs in seconds on a CPU.
 The weights are random (seeded, so the same command writes the same files): these check
 loading, export, the runtime and its oracle against the reference pipeline, not video quality —
-tools/train.py makes trained models.
+``python -m tools.train`` makes trained models.
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-if __package__ in (None, ""):  # `python tools/make_tiny.py`: make the repo root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from tools import synthetic  # noqa: E402
+from tools import synthetic
+from tools.training import COGVIDEOX_SCHEDULER, SCORE_WORDS, save_pipeline, word_tokenizer
 
 TEXT_DIM = 32
 TEXT_TOKENS = 16  # CogVideoXPipeline pads every prompt to the transformer's max_text_seq_length
-
-# CogVideoX's released scheduler settings (v-prediction, zero-SNR rescaled scaled-linear betas, trailing spacing).
-COGVIDEOX_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                           clip_sample=False, set_alpha_to_one=True, steps_offset=0, prediction_type="v_prediction",
-                           timestep_spacing="trailing", rescale_betas_zero_snr=True)
 
 
 def text_components(seed: int, extra_words: tuple[str, ...] = ()):
     """A word-level tokenizer over the synthetic domain's vocabulary (plus ``extra_words``) and a
     2-layer T5 encoder."""
     from transformers import T5Config, T5EncoderModel
-
-    from tools.train import word_tokenizer
 
     torch.manual_seed(seed)
     tokenizer = word_tokenizer(synthetic.vocabulary() + list(extra_words))
@@ -83,14 +72,13 @@ def cogvideox_components(variant: str = "2b", seed: int = 0, layers: int = 4) ->
 # release; captions of the synthetic domain plus the aesthetic-score suffix fit in 24 tokens.
 OPENSORA_TOKENS = 24
 OPENSORA_SHAPE = {"num_frames": 17, "height": 64, "width": 64}  # the tiny default: 5 x 8 x 8 latents
-SCORE_WORDS = ("aesthetic", "score", ":", ".", *"0123456789")  # " aesthetic score: 6.5." as known words
 
 
 def opensora_components(seed: int = 0, layers: int = 4) -> dict:
     """transformer, vae, text_encoder, tokenizer, scheduler of a tiny Open-Sora 1.2."""
-    from exporter.models.opensora_vae import OpenSoraVAE, OpenSoraVAEConfig
-    from exporter.models.rflow import RFlowSampler
-    from exporter.models.stdit3 import STDiT3, STDiT3Config
+    from dit.opensora_vae import OpenSoraVAE, OpenSoraVAEConfig
+    from dit.rflow import RFlowSampler
+    from dit.stdit3 import STDiT3, STDiT3Config
 
     tokenizer, text_encoder = text_components(seed, SCORE_WORDS)
     torch.manual_seed(seed + 1)
@@ -105,22 +93,6 @@ def opensora_components(seed: int = 0, layers: int = 4) -> dict:
             "scheduler": RFlowSampler()}
 
 
-def save_pipeline(pipe, out: Path) -> Path:
-    """``pipe.save_pretrained`` into a temporary sibling, renamed into place."""
-    from exporter.export import replace_dir
-
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def make_cogvideox(out: Path, variant: str = "2b", seed: int = 0) -> Path:
     from diffusers import CogVideoXPipeline
 
@@ -128,7 +100,7 @@ def make_cogvideox(out: Path, variant: str = "2b", seed: int = 0) -> Path:
 
 
 def make_opensora(out: Path, seed: int = 0) -> Path:
-    from exporter.models.opensora_pipeline import OpenSoraPipeline
+    from dit.opensora_pipeline import OpenSoraPipeline
 
     return save_pipeline(OpenSoraPipeline(**opensora_components(seed), defaults=OPENSORA_SHAPE), out)
 

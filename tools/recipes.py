@@ -1,5 +1,5 @@
 """Training recipes for the CogVideoX and Open-Sora architectures on the synthetic domain
-(``tools/train.py --model cogvideox|opensora``; Latte's recipe lives in train.py itself).
+(``python -m tools.train --model cogvideox|opensora``; Latte's recipe lives in train.py itself).
 
 Each recipe trains, deterministically for ``--seed``:
 1. the model's own VAE class on the synthetic clips —
@@ -16,7 +16,7 @@ Each recipe trains, deterministically for ``--seed``:
    model's learned null caption ``y_embedding`` (the release's CFG training).
 
 Saved in the layouts ``foresight-export --model-path`` loads (diffusers CogVideoXPipeline; the
-Open-Sora folder of ``exporter.models.opensora_pipeline``).
+Open-Sora folder of ``dit.opensora_pipeline``).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tools import synthetic
-from tools.train import (TEXT_DIM, curriculum_indices, draw_clips, lr_at, sample_timesteps, skew_at, skew_noise,
-                         t5_encoder, to_unit, vae_norm_groups, word_tokenizer)
+from tools.training import (COGVIDEOX_SCHEDULER, SCORE_WORDS, TEXT_DIM, curriculum_indices, draw_clips, kl_vae_loss,
+                            lr_at, sample_timesteps, skew_at, skew_noise, t5_encoder, to_unit, vae_norm_groups,
+                            word_tokenizer)
 
 COG_TEXT_TOKENS = 16  # a domain prompt is 9 words + </s>
 OS_TEXT_TOKENS = 24  # + " aesthetic score: 6.5." (7 tokens)
-SCORE_WORDS = ("aesthetic", "score", ":", ".", *"0123456789")
 
 
 def text_encoder_for(tokenizer, seed: int):
@@ -43,15 +43,6 @@ def text_encoder_for(tokenizer, seed: int):
 def videos(clips: np.ndarray, idx) -> torch.Tensor:
     """uint8 (N, F, H, W, 3)[idx] -> (n, 3, F, H, W) in [-1, 1]."""
     return to_unit(clips[idx]).permute(0, 2, 1, 3, 4)
-
-
-def kl_vae_loss(vae, x: torch.Tensor, gen: torch.Generator, kl_weight: float):
-    """Reconstruction + a small KL term for a diffusers KL autoencoder on a batch ``x``."""
-    posterior = vae.encode(x).latent_dist
-    z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-    recon = F.mse_loss(vae.decode(z).sample, x)
-    kl = posterior.kl().mean() / z[0].numel()
-    return recon + kl_weight * kl, {"recon": recon.item(), "kl": kl.item()}
 
 
 def train_jointly(transformer, text_encoder, args, loss_fn, log: list) -> float:
@@ -95,8 +86,6 @@ def cogvideox(args, clips: np.ndarray, prompts: list[str], log: list):
     """Returns the CogVideoXPipeline (tokenizer, text_encoder, vae, transformer, scheduler)."""
     from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline,
                            CogVideoXTransformer3DModel)
-
-    from tools.make_tiny import COGVIDEOX_SCHEDULER
 
     torch.manual_seed(args.seed)
     vae = AutoencoderKLCogVideoX(
@@ -164,10 +153,10 @@ def opensora(args, clips: np.ndarray, prompts: list[str], log: list):
     """Returns the OpenSoraPipeline (our STDiT3, our OpenSoraVAE, T5, rectified flow)."""
     import dataclasses
 
-    from exporter.models.opensora_pipeline import OpenSoraPipeline, append_score
-    from exporter.models.opensora_vae import OpenSoraVAE, OpenSoraVAEConfig
-    from exporter.models.rflow import RFlowSampler
-    from exporter.models.stdit3 import STDiT3, STDiT3Config
+    from dit.opensora_pipeline import OpenSoraPipeline, append_score
+    from dit.opensora_vae import OpenSoraVAE, OpenSoraVAEConfig
+    from dit.rflow import RFlowSampler
+    from dit.stdit3 import STDiT3, STDiT3Config
 
     torch.manual_seed(args.seed)
     config = OpenSoraVAEConfig(spatial_block_out_channels=(32, 64, 64), spatial_layers_per_block=1,

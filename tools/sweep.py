@@ -1,6 +1,6 @@
 """Pick a model's Foresight defaults from a small sweep, and picture its per-layer dynamics.
 
-    python tools/sweep.py --engines engines/latte-tiny --json sweep.json --mse-heatmap mse.png
+    python -m tools.sweep --engines engines/latte-tiny --json sweep.json --mse-heatmap mse.png
 
 For every (warmup, recalculate, threshold) in the grid it generates the same held-out
 prompts with the same seeds as ``none`` and records the share of layer calls skipped, the
@@ -22,21 +22,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from tools import common
+from tools.evaluate import mean_psnr, score_clip
+from tools.metrics import psnr
+from tools.synthetic import held_out_prompts
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-
-from tools import common  # noqa: E402
-from tools.evaluate import score_clip  # noqa: E402
-from tools.metrics import psnr  # noqa: E402
-from tools.synthetic import held_out_prompts  # noqa: E402
 
 
 def layer_dynamics(rt, prompt: str, seed: int, steps, warmup: int) -> dict:
@@ -73,11 +70,10 @@ def sweep(rt, prompts, seed, steps, grid, log=print) -> list[dict]:
         results = [rt.generate(p, seed=seed + i, num_inference_steps=steps, policy="foresight", warmup=warmup,
                                recalculate=recalculate, threshold=threshold) for i, p in enumerate(prompts)]
         psnrs = [psnr(r.frames, ref.frames) for r, ref in zip(results, refs)]
-        finite = [v for v in psnrs if math.isfinite(v)]
         row = {
             "warmup": warmup, "recalculate": recalculate, "threshold": threshold,
             "skipped_share": statistics.fmean(r.stats["skipped_share"] for r in results),
-            "mean_psnr": statistics.fmean(finite) if finite else math.inf,
+            "mean_psnr": mean_psnr(psnrs),
             "min_psnr": min(psnrs),
             "adherence_lost": adherence_lost(results, wanted, prompts),
             "speedup": base_seconds / sum(r.stats["denoise_seconds"] for r in results),
@@ -131,16 +127,16 @@ def main(argv=None) -> dict:
         plot_reuse_heatmap(dyn["trace"], args.mse_heatmap, title="Per-layer mse vs previous step (full compute)")
     rows = sweep(rt, prompts, args.seed, args.steps, grid, log=lambda m: print(m, file=sys.stderr))
     best = pick(rows, args.min_psnr, args.worst_psnr)
-    report = {"command": "python tools/sweep.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    report = {"command": common.command_line("sweep", argv),
               "prompts": prompts, "rows": rows, "pick": best, "min_psnr": args.min_psnr,
               "worst_psnr": args.worst_psnr,
               "threshold_spread": dyn["threshold_spread"], "calibrated_mse": dyn["calibrated_mse"]}
-    print("| warmup | recalculate | threshold | skipped | mean PSNR dB | min PSNR dB | adherence lost | speedup |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        mark = " **pick**" if r is best else ""
-        print(f"| {r['warmup']} | {r['recalculate']} | {r['threshold']} | {100 * r['skipped_share']:.1f}% | "
-              f"{r['mean_psnr']:.2f} | {r['min_psnr']:.2f} | {r['adherence_lost']} | {r['speedup']:.2f}x{mark} |")
+    head = ["warmup", "recalculate", "threshold", "skipped", "mean PSNR dB", "min PSNR dB", "adherence lost", "speedup"]
+    print(common.markdown_table(head, [[
+        str(r["warmup"]), str(r["recalculate"]), str(r["threshold"]), f"{100 * r['skipped_share']:.1f}%",
+        f"{r['mean_psnr']:.2f}", f"{r['min_psnr']:.2f}", str(r["adherence_lost"]),
+        f"{r['speedup']:.2f}x" + (" **pick**" if r is best else ""),
+    ] for r in rows], ["---:"] * len(head)))
     print(f"pick: {json.dumps({k: best[k] for k in ('warmup', 'recalculate', 'threshold')}) if best else None}")
     if args.json:
         common.write_json(report, args.json, default=str)

@@ -1,6 +1,6 @@
 """Train the small text-to-video models shipped with the package, on the synthetic domain.
 
-    python tools/train.py --out exporter/presets/latte-tiny --steps 6000 --layout cross --curriculum 1200 \
+    python -m tools.train --out exporter/presets/latte-tiny --steps 6000 --layout cross --curriculum 1200 \
         --vae-norm-groups 1    # the shipped preset, ~30 min on 2 CPU cores
 
 Two stages, both deterministic for ``--seed``:
@@ -29,29 +29,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import random
-import shutil
 import sys
-import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tools import synthetic
+from tools.common import command_line
+from tools.training import (CURRICULUM_SUBSET, TEXT_DIM, TEXT_TOKENS, curriculum_indices, draw_clips, kl_vae_loss,
+                            lr_at, sample_timesteps, save_pipeline, skew_at, t5_encoder, to_unit, vae_norm_groups,
+                            word_tokenizer)
+
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from tools import synthetic  # noqa: E402
-
-TEXT_DIM = 64
-TEXT_TOKENS = 64  # prompts are < 64 bytes
-# The clips the first --curriculum steps draw from: one colour on one background, so that what the
-# prompt changes is the shape and the direction.
-CURRICULUM_SUBSET = {"color": "red", "background": "gray"}
 
 
 def build_components(args):
@@ -82,69 +76,6 @@ def build_components(args):
     return vae, transformer, text_encoder, tokenizer, scheduler
 
 
-# The VAEs' GroupNorm group count when --vae-norm-groups is not given (what the recorded preset commands used).
-DEFAULT_VAE_NORM_GROUPS = {"latte": 16, "cogvideox": 8, "opensora": 16}
-
-
-def vae_norm_groups(args) -> int:
-    return args.vae_norm_groups or DEFAULT_VAE_NORM_GROUPS[args.model]
-
-
-def t5_encoder(tokenizer):
-    """The small text encoder every shipped model trains with: a 2-layer T5 over ``tokenizer``'s vocabulary
-    (initialised from torch's global RNG: seed before calling)."""
-    from transformers import T5Config, T5EncoderModel
-
-    return T5EncoderModel(T5Config(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-        feed_forward_proj="gated-gelu", is_encoder_decoder=False,
-    ))
-
-
-def word_tokenizer(words: list[str]):
-    """A word-level tokenizer over ``words`` (lower-cased, split on whitespace and punctuation, "</s>" appended,
-    unknown words -> "<unk>"), built with the tokenizers library and saved as a standard ``tokenizer.json``
-    that ``AutoTokenizer.from_pretrained`` loads. Needs no downloaded vocabulary."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "</s>", "<unk>"]
-    vocab = {w: i for i, w in enumerate(specials + [w for w in words if w not in specials])}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", vocab["</s>"])])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-                                   model_max_length=TEXT_TOKENS)
-
-
-def sample_timesteps(n: int, skew: float, gen: torch.Generator) -> torch.Tensor:
-    """``n`` training timesteps in [0, 999]: uniform for ``skew`` 1 (the draw the shipped preset was
-    trained with), else ``1000 * (1 - (1 - u)^skew)``, which favours high noise for ``skew`` > 1."""
-    if skew == 1.0:
-        return torch.randint(0, 1000, (n,), generator=gen)
-    return (1000 * skew_noise(torch.rand(n, generator=gen), skew)).long().clamp_(0, 999)
-
-
-def skew_noise(u: torch.Tensor, skew: float) -> torch.Tensor:
-    """Uniform ``u`` in [0, 1) -> ``1 - (1 - u)^skew``: the noise level, as a fraction of the schedule, that
-    sample_timesteps (discrete) and the rectified-flow recipe (continuous time) train at."""
-    return u if skew == 1.0 else 1 - (1 - u) ** skew
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-
-def to_unit(frames: np.ndarray) -> torch.Tensor:
-    """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [-1, 1]."""
-    x = torch.from_numpy(frames).float().div(127.5).sub(1.0)
-    return x.movedim(-1, -3)
-
-
 def train_vae(vae, clips: np.ndarray, args, log) -> float:
     """Reconstruction + a small KL term on single frames; returns the latent scaling factor."""
     frames = clips.reshape(-1, *clips.shape[2:])  # (N*F, H, W, 3)
@@ -158,19 +89,14 @@ def train_vae(vae, clips: np.ndarray, args, log) -> float:
             group["lr"] = lr_at(step, args.vae_steps, args.vae_lr)
         idx = torch.randint(0, frames.shape[0], (args.vae_batch,), generator=gen)
         x = to_unit(frames[idx.numpy()])
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-        rec = vae.decode(z).sample
-        recon = F.mse_loss(rec, x)
-        kl = posterior.kl().mean() / z[0].numel()
-        loss = recon + args.kl_weight * kl
+        loss, parts = kl_vae_loss(vae, x, gen, args.kl_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        log.append({"stage": "vae", "step": step, "recon": round(recon.item(), 6), "kl": round(kl.item(), 4)})
+        log.append({"stage": "vae", "step": step, "recon": round(parts["recon"], 6), "kl": round(parts["kl"], 4)})
         if step % 25 == 0 or step == args.vae_steps - 1:
-            bar.set_postfix(recon=f"{recon.item():.5f}", kl=f"{kl.item():.3f}")
+            bar.set_postfix(recon=f"{parts['recon']:.5f}", kl=f"{parts['kl']:.3f}")
     vae.eval()
     with torch.no_grad():
         sample = to_unit(frames[:: max(1, frames.shape[0] // 512)][:512])
@@ -253,54 +179,15 @@ def train_transformer(transformer, text_encoder, tokenizer, latents, prompts, ar
     text_encoder.eval()
 
 
-def curriculum_indices(prompts: list[str]) -> torch.Tensor:
-    """Indices of the clips in CURRICULUM_SUBSET (one colour, one background), for the first --curriculum steps."""
-    keep = [i for i, p in enumerate(prompts)
-            if all(synthetic.parse_prompt(p)[k] == v for k, v in CURRICULUM_SUBSET.items())]
-    if not keep:
-        raise ValueError(f"no clip is {CURRICULUM_SUBSET}: render more clips (--clips) or pass --curriculum 0")
-    return torch.tensor(keep)
-
-
-def skew_at(step: int, args) -> float:
-    """The timestep skew of training step ``step``: --curriculum-skew during the curriculum, else --timestep-skew."""
-    return args.curriculum_skew if step < args.curriculum else args.timestep_skew
-
-
-def draw_clips(step: int, args, subset: torch.Tensor | None, n: int, gen: torch.Generator) -> torch.Tensor:
-    """The clip indices of training step ``step``'s batch: from ``subset`` during the curriculum, else from all ``n``."""
-    if step < args.curriculum:
-        return subset[torch.randint(0, subset.shape[0], (args.batch,), generator=gen)]
-    return torch.randint(0, n, (args.batch,), generator=gen)
-
-
-def save(out: Path, vae, transformer, text_encoder, tokenizer, scheduler, meta: dict) -> None:
-    from diffusers import LattePipeline
-
-    pipe = LattePipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                         scheduler=scheduler)
-    save_pipe(out, pipe, meta)
-
-
-def save_pipe(out: Path, pipe, meta: dict) -> None:
-    """``pipe.save_pretrained`` plus training.json / defaults.json, into a temporary sibling renamed into place."""
-    from exporter.export import replace_dir
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
-        defaults = {k: v for k, v in (("foresight", meta.get("foresight")), ("guidance_scale", meta.get("guidance")))
-                    if v is not None}
-        if defaults:  # read by foresight-export into the manifest (merged with what the pipeline wrote)
-            path = tmp / "defaults.json"
-            defaults = {**(json.loads(path.read_text()) if path.is_file() else {}), **defaults}
-            path.write_text(json.dumps(defaults, indent=1) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def write_meta(folder: Path, meta: dict) -> None:
+    """training.json, and the model's defaults (if given) into defaults.json."""
+    (folder / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
+    defaults = {k: v for k, v in (("foresight", meta.get("foresight")), ("guidance_scale", meta.get("guidance")))
+                if v is not None}
+    if defaults:  # read by foresight-export into the manifest (merged with what the pipeline wrote)
+        path = folder / "defaults.json"
+        defaults = {**(json.loads(path.read_text()) if path.is_file() else {}), **defaults}
+        path.write_text(json.dumps(defaults, indent=1) + "\n")
 
 
 def parse_args(argv=None):
@@ -389,6 +276,10 @@ def main(argv=None) -> dict:
               "latent (mean mse over colour pairs) " + ", ".join(f"{b} {v['mean']:.3f}" for b, v in separation.items()),
               file=sys.stderr)
         train_transformer(transformer, text_encoder, tokenizer, latents, prompts, args, log)
+        from diffusers import LattePipeline
+
+        pipe = LattePipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                             scheduler=scheduler)
     else:
         separation = None
         from tools import recipes
@@ -396,7 +287,7 @@ def main(argv=None) -> dict:
         pipe, _ = getattr(recipes, args.model)(args, clips, prompts, log)
     seconds = time.perf_counter() - t0
     meta = {
-        "command": "python tools/train.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("train", argv),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "seconds": round(seconds, 1),
         "torch": torch.__version__,
@@ -406,10 +297,7 @@ def main(argv=None) -> dict:
         "foresight": args.foresight,
         "guidance": args.guidance,
     }
-    if args.model == "latte":
-        save(args.out, vae, transformer, text_encoder, tokenizer, scheduler, meta)
-    else:
-        save_pipe(args.out, pipe, meta)
+    save_pipeline(pipe, args.out, partial(write_meta, meta=meta))
     print(f"saved {args.out} after {seconds / 60:.1f} min (final smoothed loss {meta['final_loss']:.4f})",
           file=sys.stderr)
     return meta

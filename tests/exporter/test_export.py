@@ -22,7 +22,7 @@ import pytest
 import exporter.export as export_mod
 from exporter.cli import main
 from exporter.export import ExportError, ExportOptions, export
-from runtime.manifest import SCHEMA_VERSION, load_manifest
+from runtime.manifest import FORMAT, MANIFEST_NAME, SCHEMA_VERSION, load_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 COMPONENTS = ("text_encoder", "tokenizer", "vae", "scheduler")
@@ -61,7 +61,7 @@ def test_manifest_loads_and_has_current_schema(engines_dir, manifest, preset_con
     loaded = load_manifest(engines_dir)
     assert manifest["schema_version"] == SCHEMA_VERSION
     assert loaded.num_layers == preset_config.transformer["num_layers"]
-    assert [p["name"] for p in loaded.all_parts] == (
+    assert [p.name for p in loaded.all_parts] == (
         ["stem"] + [f"layer_{i:03d}" for i in range(preset_config.transformer["num_layers"])] + ["head"]
     )
     for key, value in preset_config.transformer.items():
@@ -70,10 +70,18 @@ def test_manifest_loads_and_has_current_schema(engines_dir, manifest, preset_con
 
 
 def test_part_hashes_are_the_files_real_hashes(engines_dir, manifest):
+    """Schema 2: parts carry no hashes; the manifest's ``files`` lists every file in the folder
+    but the manifest itself (part files, components, transformer weights) with its sha256 and size."""
+    on_disk = {p.relative_to(engines_dir).as_posix() for p in engines_dir.rglob("*")
+               if p.is_file() and p != engines_dir / MANIFEST_NAME}
+    assert set(manifest["files"]) == on_disk
     for part in all_parts(manifest):
-        file = engines_dir / part["file"]
-        assert part["sha256"] == sha256(file), part["name"]
-        assert part["bytes"] == file.stat().st_size, part["name"]
+        assert "sha256" not in part and "bytes" not in part, part["name"]
+        assert part["file"] in manifest["files"], part["name"]
+    for rel, entry in manifest["files"].items():
+        file = engines_dir / rel
+        assert entry["sha256"] == sha256(file), rel
+        assert entry["bytes"] == file.stat().st_size, rel
 
 
 def test_onnx_graph_io_matches_manifest(engines_dir, manifest):
@@ -178,7 +186,7 @@ def test_pipeline_components_load_and_match_the_preset(engines_dir, preset_dir, 
     import transformers
 
     for name in COMPONENTS:
-        folder = engines_dir / manifest["pipeline"][name]
+        folder = engines_dir / manifest["components"][name]
         assert folder.is_dir(), name
         library, cls_name = preset_config.index[name]
         cls = getattr(diffusers if library == "diffusers" else transformers, cls_name)
@@ -235,7 +243,9 @@ def test_failed_export_leaves_no_out_and_no_tmp(monkeypatch, tmp_path, exc):
 def test_failed_overwrite_keeps_the_previous_export(monkeypatch, tmp_path):
     out = tmp_path / "latte-tiny"
     out.mkdir()
-    (out / "manifest.json").write_text('{"previous": true}')
+    # --overwrite replaces only an engines folder: the previous export's manifest names the format.
+    (out / "manifest.json").write_text(json.dumps({"format": FORMAT, "schema_version": SCHEMA_VERSION,
+                                                   "previous": True}))
     before = snapshot(out)
     calls = stub_export(monkeypatch, fail_at=3, exc=Boom)
     with pytest.raises(Boom):
@@ -269,7 +279,8 @@ def model_path_export(tmp_path_factory, preset_dir):
     out = root / "engines"
     out.mkdir()
     (out / "stale.txt").write_text("from an older export")
-    (out / "manifest.json").write_text('{"schema_version": 0}')
+    # An engines folder of an older version (--overwrite replaces only engines folders).
+    (out / "manifest.json").write_text(json.dumps({"format": FORMAT, "schema_version": 0}))
     stdout, stderr = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
         rc = main(["--model", "latte", "--model-path", str(ckpt), "--out", str(out), "--overwrite"])
@@ -282,8 +293,8 @@ def test_overwrite_replaces_the_existing_folder(model_path_export):
     assert r.stdout.strip().endswith(f"wrote {r.out}/manifest.json")
     assert not (r.out / "stale.txt").exists()
     manifest = load_manifest(r.out)
-    assert manifest.data["schema_version"] == SCHEMA_VERSION
-    assert manifest.data["name"] == r.out.name
+    assert manifest.raw["schema_version"] == SCHEMA_VERSION
+    assert manifest.name == r.out.name
     assert sorted(p.name for p in r.root.iterdir()) == ["checkpoint", "engines"]  # no .tmp-/.old- left
 
 
@@ -297,8 +308,8 @@ def test_model_path_export_matches_the_preset_export(model_path_export, engines_
     # Same weights give byte-identical files: the exporter strips torch's metadata (stack
     # traces with local paths, constraint lists in PYTHONHASHSEED order) after export.
     for mine, theirs in zip(all_parts(other), all_parts(manifest)):
-        assert mine["name"] == theirs["name"]
-        assert mine["sha256"] == theirs["sha256"], mine["name"]
+        assert mine["name"] == theirs["name"] and mine["file"] == theirs["file"]
+        assert other["files"][mine["file"]]["sha256"] == manifest["files"][theirs["file"]]["sha256"], mine["name"]
 
 
 # --- CLI errors -----------------------------------------------------------------------------

@@ -7,27 +7,26 @@ import json
 
 import pytest
 
-from exporter.tensorrt_build import (
-    check_runtime_compat, needs_rebuild, profile_shapes, require_tensorrt, write_manifest_section,
-)
+from exporter.tensorrt_build import needs_rebuild, profile_shapes, write_manifest_section
 from runtime.errors import BackendError
 from runtime.manifest import load_manifest, sha256_file
+from runtime.trt import check_runtime_compat, require_tensorrt
 
 HAVE_TRT = importlib.util.find_spec("tensorrt") is not None
 
 
 def test_profiles_cover_the_manifest_ranges(engines_dir):
     m = load_manifest(engines_dir)
-    dims = m.data["dims"]
-    shapes = profile_shapes(m.stem, dims)
+    dims = m.dims.ranges
+    shapes = profile_shapes(m.stem, m.dims)
     lo, opt, hi = shapes["latents"]
-    p = dims["H"]["times"]
-    assert lo == (dims["B"]["min"], m.stem["inputs"][0]["shape"][1], dims["F"]["min"], dims["h"]["min"] * p,
-                  dims["w"]["min"] * p)
-    assert hi[0] == 2 and hi[2] == dims["F"]["max"] and hi[3] == dims["h"]["max"] * p
+    assert m.dims.derived["H"][0] == "h"
+    p = m.dims.derived["H"][1]
+    assert lo == (dims["B"].min, m.stem.inputs[0].shape[1], dims["F"].min, dims["h"].min * p, dims["w"].min * p)
+    assert hi[0] == 2 and hi[2] == dims["F"].max and hi[3] == dims["h"].max * p
     assert opt[0] == 2  # classifier-free guidance doubles the batch: the common case is the optimum
-    layer = profile_shapes(m.layers[0], dims)
-    assert set(layer) == {io["name"] for io in m.layers[0]["inputs"]}
+    layer = profile_shapes(m.layers[0], m.dims)
+    assert set(layer) == set(m.layers[0].input_names)
     for lo, opt, hi in layer.values():
         assert all(a <= b <= c for a, b, c in zip(lo, opt, hi))
 
@@ -105,7 +104,8 @@ def test_reexport_carries_engines_so_only_changes_rebuild(engines_copy, tmp_path
     for part in [m["parts"]["stem"], *m["parts"]["layers"], m["parts"]["head"]]:
         plan = engines_copy / part["file"].replace(".onnx", ".plan")
         plan.write_bytes(part["name"].encode())
-        engines[part["name"]] = {"file": plan.name, "sha256": sha256_file(plan), "onnx_sha256": part["sha256"],
+        engines[part["name"]] = {"file": plan.name, "sha256": sha256_file(plan),
+                                 "onnx_sha256": m["files"][part["file"]]["sha256"],
                                  "tensorrt_version": "11.4.0", "device": device, "profile": {}}
     (engines_copy / "timing.cache").write_bytes(b"cache")
     write_manifest_section(engines_copy, "tensorrt", {"tensorrt_version": "11.4.0", "device": device,
@@ -118,7 +118,8 @@ def test_reexport_carries_engines_so_only_changes_rebuild(engines_copy, tmp_path
     assert (new / "timing.cache").read_bytes() == b"cache"
     for name, entry in engines.items():
         part = next(p for p in [m["parts"]["stem"], *m["parts"]["layers"], m["parts"]["head"]] if p["name"] == name)
-        assert needs_rebuild(entry, part["sha256"], "11.4.0", device, {}, new / entry["file"]) is None
+        onnx_sha256 = m["files"][part["file"]]["sha256"]
+        assert needs_rebuild(entry, onnx_sha256, "11.4.0", device, {}, new / entry["file"]) is None
     # A folder without engines carries nothing.
     plain = {"parts": m["parts"]}
     carry_engines(tmp_path / "missing", new, plain)

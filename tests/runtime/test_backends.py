@@ -9,7 +9,7 @@ import torch
 
 from runtime.backends import make_backend
 from runtime.errors import BackendError
-from runtime.manifest import Manifest, load_manifest
+from runtime.manifest import Part, TensorSpec, load_manifest
 
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
@@ -39,24 +39,24 @@ def reference(engines_dir):
 @pytest.fixture(scope="module")
 def dims(engines_dir):
     m = load_manifest(engines_dir)
-    d = {s: v["opt"] for s, v in m.data["dims"].items() if "of" not in v}
+    d = {s: r.opt for s, r in m.dims.ranges.items()}
     d["T"] = 9
-    return m.bind_dims(**d)
+    return m.dims.bind(**d)
 
 
-def io_dtype(io: dict, dtype: torch.dtype) -> torch.dtype:
-    return getattr(torch, io["dtype"]) if io.get("fixed_dtype") else dtype
+def io_dtype(io: TensorSpec, dtype: torch.dtype) -> torch.dtype:
+    return getattr(torch, io.dtype) if io.fixed_dtype else dtype
 
 
-def random_inputs(part: dict, dims: dict, device, seed: int, dtype: torch.dtype = torch.float32):
+def random_inputs(part: Part, dims: dict, device, seed: int, dtype: torch.dtype = torch.float32):
     """Random inputs, rounded to ``dtype`` (the reference then sees exactly what the backend sees)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for io in part["inputs"]:
-        t = torch.randn(Manifest.shape_of(io, dims), generator=g)
-        if io["name"] == "timestep":
+    for io in part.inputs:
+        t = torch.randn(io.shape_at(dims), generator=g)
+        if io.name == "timestep":
             t = torch.rand(t.shape, generator=g) * 1000
-        out[io["name"]] = t.to(io_dtype(io, dtype)).to(device)
+        out[io.name] = t.to(io_dtype(io, dtype)).to(device)
     return out
 
 
@@ -81,20 +81,19 @@ def test_backend_conformance(engines_dir, reference, dims, backend, device, dtyp
     assert engine.io_dtype == dtype
     for i, part in enumerate(manifest.all_parts):
         inputs = random_inputs(part, dims, device, seed=i, dtype=dtype)
-        want = {io["name"]: torch.empty(Manifest.shape_of(io, dims)) for io in part["outputs"]}
-        reference.run(part["name"], {k: v.float().cpu() for k, v in inputs.items()}, want)
-        got = {io["name"]: torch.full(Manifest.shape_of(io, dims), float("nan"), device=device,
-                                      dtype=io_dtype(io, dtype))
-               for io in part["outputs"]}  # poisoned: an output the backend does not write fails
-        engine.run(part["name"], inputs, got)
+        want = {io.name: torch.empty(io.shape_at(dims)) for io in part.outputs}
+        reference.run(part.name, {k: v.float().cpu() for k, v in inputs.items()}, want)
+        got = {io.name: torch.full(io.shape_at(dims), float("nan"), device=device, dtype=io_dtype(io, dtype))
+               for io in part.outputs}  # poisoned: an output the backend does not write fails
+        engine.run(part.name, inputs, got)
         for name, ref in want.items():
             out = got[name].float().cpu()
-            assert torch.isfinite(out).all(), f"{part['name']}.{name} not written"
+            assert torch.isfinite(out).all(), f"{part.name}.{name} not written"
             rel = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
             # cuDNN convolutions (the stem's patch embedding) run in TF32 by default on CUDA, in diffusers too
             tol = 1e-3 if device == "cuda" and dtype == torch.float32 else TOLERANCE[dtype]
-            assert rel < tol, f"{backend} {part['name']}.{name}: rel err {rel:.2e}"
-    assert engine.calls[manifest.layers[0]["name"]] == 1
+            assert rel < tol, f"{backend} {part.name}.{name}: rel err {rel:.2e}"
+    assert engine.calls[manifest.layers[0].name] == 1
 
 
 def test_unknown_backend(engines_dir):

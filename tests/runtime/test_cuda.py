@@ -110,13 +110,13 @@ def test_other_models_on_cuda_match_their_reference_on_cuda(tmp_path, model, pre
     out = tmp_path / "engines"
     export(ExportOptions(model=model, preset=preset, out=out), progress=False)
     rt = Runtime.load(out, backend="torch", device="cuda", cuda_graphs=True)
-    shapes = rt.manifest.data["shapes"]
+    shapes = rt.manifest.shapes
     size = dict(num_frames=shapes["frames"]["default"], height=shapes["height"]["default"],
                 width=shapes["width"]["default"])
     got = rt.generate(PROMPT, num_inference_steps=6, seed=0, policy="none", decode=False, **size)
     folder = get_family(model).presets[preset]
     if model == "opensora":
-        from exporter.models.opensora_pipeline import OpenSoraPipeline
+        from dit.opensora_pipeline import OpenSoraPipeline
 
         pipe = OpenSoraPipeline.from_pretrained(folder).to("cuda")
         want = pipe(PROMPT, num_inference_steps=6, seed=0, output_type="latent", **size)

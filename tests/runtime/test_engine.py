@@ -173,7 +173,7 @@ def test_nan_in_a_layer_names_layer_and_step(monkeypatch, runtime_ort):
 
 @pytest.fixture(scope="module")
 def shapes(runtime_ort):
-    return runtime_ort.manifest.data["shapes"]
+    return runtime_ort.manifest.shapes
 
 
 @pytest.mark.parametrize("case", ["frames-above", "frames-one", "height-indivisible", "width-below", "height-above"])
@@ -219,7 +219,7 @@ def test_torch_backend_in_bfloat16(engines_dir, runtime_torch):
 def test_policy_configs_and_overrides(runtime_ort):
     from foresight import ConfigError, ForesightConfig, StaticConfig
 
-    assert runtime_ort.make_policy() == ForesightConfig(**runtime_ort.manifest.data["foresight_defaults"])
+    assert runtime_ort.make_policy() == ForesightConfig(**runtime_ort.manifest.foresight_defaults)
     assert runtime_ort.make_policy("foresight", threshold=9.0).threshold == 9.0
     cfg = runtime_ort.make_policy(ForesightConfig(warmup=3, recalculate=5, threshold=0.1), threshold=2.0)
     assert cfg == ForesightConfig(warmup=3, recalculate=5, threshold=2.0)

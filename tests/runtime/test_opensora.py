@@ -1,5 +1,5 @@
 """Open-Sora 1.2 end to end: the shipped tiny checkpoint exports, and the runtime with policy none
-reproduces our eager reference pipeline (exporter.models.opensora_pipeline) for the same prompt
+reproduces our eager reference pipeline (dit.opensora_pipeline) for the same prompt
 and seed — bit for bit on the torch backend; two probes per layer; bad inputs refused."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def runtimes(exported):
 
 @pytest.fixture(scope="module")
 def reference_pipe(exported):
-    from exporter.models.opensora_pipeline import OpenSoraPipeline
+    from dit.opensora_pipeline import OpenSoraPipeline
 
     return OpenSoraPipeline.from_pretrained(exported[0])
 
@@ -46,7 +46,7 @@ def reference(pipe, frames, height, width, seed=0, guidance=7.0):
 
 
 def default_size(rt) -> tuple[int, int, int]:
-    shapes = rt.manifest.data["shapes"]
+    shapes = rt.manifest.shapes
     return shapes["frames"]["default"], shapes["height"]["default"], shapes["width"]["default"]
 
 
@@ -54,7 +54,7 @@ def default_size(rt) -> tuple[int, int, int]:
 def test_torch_backend_is_bit_identical_to_the_reference_pipeline(reference_pipe, runtimes, other):
     frames, height, width = default_size(runtimes["torch"])
     if other:  # 20 frames (a partial VAE chunk), one grid step shorter and one wider
-        step = runtimes["torch"].manifest.data["shapes"]["height"]["multiple_of"]
+        step = runtimes["torch"].manifest.shapes["height"]["multiple_of"]
         frames, height, width = 20, height - step, width + step
     latents, video = reference(reference_pipe, frames, height, width)
     result = runtimes["torch"].generate(PROMPT, num_frames=frames, height=height, width=width,
@@ -82,12 +82,13 @@ def test_the_null_caption_is_the_models_y_embedding(reference_pipe, runtimes):
     assert int(cond["caption_mask"][0].sum()) == len(ids)
 
 
-def test_two_probes_per_layer_and_reuse_binds_cached_buffers(monkeypatch, runtimes):
+def test_two_probes_per_layer_and_reuse_binds_cached_buffers(runtimes):
     rt = runtimes["onnxruntime"]
-    assert rt.probes == ["spatial", "hidden_out"]
+    assert tuple(rt.probes) == ("spatial", "hidden_out")
     L = rt.num_layers
-    script = [(0, None, False, True), (0, None, True, True), (2, (1, 1), True, True)]
-    result, spy = run_scripted(monkeypatch, rt, script)
+    # (start, measure) per step; the source of layer `start` is layer start-1's cached outputs.
+    script = [(0, False), (0, True), (2, True)]
+    result, spy = run_scripted(rt, script)
     layers = [r for r in spy.records if r["part"].startswith("layer")]
     step1 = next(r for r in layers if r["step"] == 1 and r["part"] == "layer_001")
     step2 = next(r for r in layers if r["step"] == 2)

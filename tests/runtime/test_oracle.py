@@ -22,13 +22,13 @@ def diffusers_output(preset_dir, engines_dir):
 
     from runtime.manifest import load_manifest
 
-    manifest = load_manifest(engines_dir).data
-    shapes = manifest["shapes"]  # the runtime's defaults
+    manifest = load_manifest(engines_dir)
+    shapes = manifest.shapes  # the runtime's defaults
     pipe = LattePipeline.from_pretrained(preset_dir)
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(num_inference_steps=STEPS, height=shapes["height"]["default"], width=shapes["width"]["default"],
                   video_length=shapes["frames"]["default"],
-                  guidance_scale=manifest["pipeline"]["default_guidance"], negative_prompt="",
+                  guidance_scale=manifest.pipeline["default_guidance"], negative_prompt="",
                   clean_caption=False)
     latents = pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(0), output_type="latent", **kwargs).frames
     frames = pipe(PROMPT, generator=torch.Generator("cpu").manual_seed(0), output_type="np", **kwargs).frames[0]

@@ -138,7 +138,7 @@ def test_smoke_run_writes_json_markdown_and_plot(engines_dir, outputs, capsys):
 
     assert "| diffusers |" in capsys.readouterr().out
     md = outputs["markdown"].read_text()
-    assert "python tools/compare.py --engines" in md and "| onnxruntime/foresight@4 |" in md
+    assert "python -m tools.compare --engines" in md and "| onnxruntime/foresight@4 |" in md
     assert outputs["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -249,7 +249,7 @@ def test_cli_prints_the_table_and_writes_json(fake, tmp_path, capsys):
     assert rows["foresight"]["speedup"] == "2.00x" and rows["foresight"]["layers skipped"] == "50.0%"
 
     report = json.loads(out.read_text())
-    assert report["command"].startswith("python tools/evaluate.py --engines")
+    assert report["command"].startswith("python -m tools.evaluate --engines")
     assert report["config"]["steps"] == 2 and report["config"]["overrides"] == {"threshold": 0.4}
     assert len(report["rows"]) == 6 and report["rows"][0]["psnr_vs_none"] == "inf"
     assert [a["policy"] for a in report["aggregates"]] == ["none", "foresight"]

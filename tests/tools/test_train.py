@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from tools import train
+from tools import train, training
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_colour_separation_is_the_latent_mse_between_colours(trained):
     assert all(0 < v["min"] <= v["mean"] for v in separation.values())
     vae = AutoencoderKL.from_pretrained(out / "vae")
     base = synthetic.sample_spec(random.Random(1), layout="cross")  # the clip colour_separation renders
-    z = {c: vae.encode(train.to_unit(synthetic.render(dataclasses.replace(base, color=c, background="navy"))))
+    z = {c: vae.encode(training.to_unit(synthetic.render(dataclasses.replace(base, color=c, background="navy"))))
          .latent_dist.mode() * vae.config.scaling_factor for c in synthetic.COLORS}
     pairs = [F.mse_loss(z[a], z[b]).item() for i, a in enumerate(z) for b in list(z)[i + 1:]]
     assert separation["navy"]["mean"] == pytest.approx(sum(pairs) / len(pairs), rel=1e-3, abs=1e-5)
@@ -81,16 +81,16 @@ def test_training_is_deterministic_for_a_seed(tmp_path):
 def test_timestep_sampling_uniform_or_skewed_to_high_noise():
     import torch
 
-    uniform = train.sample_timesteps(20000, 1.0, torch.Generator().manual_seed(0))
+    uniform = training.sample_timesteps(20000, 1.0, torch.Generator().manual_seed(0))
     assert torch.equal(uniform, torch.randint(0, 1000, (20000,), generator=torch.Generator().manual_seed(0)))
-    skewed = train.sample_timesteps(20000, 2.0, torch.Generator().manual_seed(0))
+    skewed = training.sample_timesteps(20000, 2.0, torch.Generator().manual_seed(0))
     assert int(skewed.min()) >= 0 and int(skewed.max()) <= 999 and skewed.dtype == torch.int64
     assert abs(float(uniform.float().mean()) - 500) < 15
     assert abs(float(skewed.float().mean()) - 2000 / 3) < 15  # E[1 - (1-u)^2] = 2/3
     assert float((skewed >= 700).float().mean()) > 0.5 > float((uniform >= 700).float().mean())
     u = torch.tensor([0.0, 0.5, 0.9])
-    assert torch.equal(train.skew_noise(u, 1.0), u)  # the rectified-flow recipe's continuous time
-    assert torch.allclose(train.skew_noise(u, 2.0), torch.tensor([0.0, 0.75, 0.99]))
+    assert torch.equal(training.skew_noise(u, 1.0), u)  # the rectified-flow recipe's continuous time
+    assert torch.allclose(training.skew_noise(u, 2.0), torch.tensor([0.0, 0.75, 0.99]))
 
 
 def test_curriculum_draws_one_colour_on_one_background_then_every_clip():
@@ -99,28 +99,28 @@ def test_curriculum_draws_one_colour_on_one_background_then_every_clip():
     from tools.synthetic import dataset, parse_prompt
 
     prompts = [spec.prompt for spec, _ in dataset(300, seed=1, layout="cross")]
-    subset = train.curriculum_indices(prompts)
+    subset = training.curriculum_indices(prompts)
     inside = {int(i) for i in subset}
     assert inside == {i for i, p in enumerate(prompts)
                       if parse_prompt(p)["color"] == "red" and parse_prompt(p)["background"] == "gray"}
     assert {parse_prompt(prompts[i])["direction"] for i in inside} == {"left", "right", "up", "down"}
     args = train.parse_args(["--steps", "10", "--curriculum", "4", "--batch", "64", "--timestep-skew", "1.5"])
     gen = torch.Generator().manual_seed(0)
-    early = [train.draw_clips(step, args, subset, len(prompts), gen) for step in range(4)]
-    late = train.draw_clips(4, args, subset, len(prompts), gen)
+    early = [training.draw_clips(step, args, subset, len(prompts), gen) for step in range(4)]
+    late = training.draw_clips(4, args, subset, len(prompts), gen)
     assert all(int(i) in inside for batch in early for i in batch)
     assert not all(int(i) in inside for i in late)
-    assert [train.skew_at(s, args) for s in (0, 3, 4, 9)] == [3.0, 3.0, 1.5, 1.5]
+    assert [training.skew_at(s, args) for s in (0, 3, 4, 9)] == [3.0, 3.0, 1.5, 1.5]
     with pytest.raises(ValueError, match="no clip is .*--curriculum 0"):
-        train.curriculum_indices([p for p in prompts if "gray" not in p])
+        training.curriculum_indices([p for p in prompts if "gray" not in p])
     with pytest.raises(SystemExit):
         train.parse_args(["--steps", "10", "--curriculum", "11"])
 
 
 def test_vae_norm_groups_default_per_model_and_checked():
-    assert [train.vae_norm_groups(train.parse_args(["--model", m])) for m in ("latte", "cogvideox", "opensora")] == \
+    assert [training.vae_norm_groups(train.parse_args(["--model", m])) for m in ("latte", "cogvideox", "opensora")] == \
         [16, 8, 16]  # what the recorded preset commands were trained with
-    assert train.vae_norm_groups(train.parse_args(["--model", "cogvideox", "--vae-norm-groups", "4"])) == 4
+    assert training.vae_norm_groups(train.parse_args(["--model", "cogvideox", "--vae-norm-groups", "4"])) == 4
     with pytest.raises(SystemExit):
         train.parse_args(["--vae-norm-groups", "0"])
 
@@ -130,7 +130,7 @@ def test_word_tokenizer_round_trips_through_autotokenizer(tmp_path):
 
     from tools.synthetic import vocabulary
 
-    tok = train.word_tokenizer(vocabulary())
+    tok = training.word_tokenizer(vocabulary())
     ids = tok("A red square moving left on a black background").input_ids
     assert tok.unk_token_id not in ids and ids[-1] == tok.eos_token_id and len(ids) == 10
     assert tok("a plaid blob").input_ids.count(tok.unk_token_id) == 2
