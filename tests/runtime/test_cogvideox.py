@@ -171,3 +171,11 @@ def test_vae_tiling_decodes_the_same_frame_count(exported, runtimes):
     assert tiled.shape == plain.frames.shape
     assert not np.array_equal(tiled, plain.frames)  # the tiles really were used
 
+
+
+def test_runtime_reproduces_the_golden_traces(exported, runtimes):
+    """tests/golden/cogvideox-<policy>.json (the tiny preset, 2B-style) and
+    cogvideox-tiny-5b-<policy>.json (rotary, DPM)."""
+    from tests.runtime.test_golden_runs import check_model
+
+    check_model(runtimes["torch"], "cogvideox" if exported[0].name == "cogvideox-tiny" else "cogvideox-tiny-5b")

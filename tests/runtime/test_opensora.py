@@ -138,3 +138,10 @@ def test_cli_exports_and_runs_opensora(tmp_path, capsys):
     want = (shapes["frames"]["default"], shapes["height"]["default"], shapes["width"]["default"], 3)
     assert iio.imread(out).shape == np.load(npy).shape == want
 
+
+
+def test_runtime_reproduces_the_golden_traces(runtimes):
+    """tests/golden/opensora-<policy>.json were recorded from the tiny preset."""
+    from tests.runtime.test_golden_runs import check_model
+
+    check_model(runtimes["torch"], "opensora")
