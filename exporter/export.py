@@ -208,10 +208,8 @@ def save_components(components: dict, out: Path, link: bool = False) -> None:
         target = out / name
         if isinstance(comp, FolderComponent):
             comp.save_pretrained(target, link=link)
-        elif hasattr(comp, "save_pretrained"):  # diffusers / transformers objects; schedulers have save_config
+        else:  # diffusers / transformers models, tokenizers and schedulers
             comp.save_pretrained(target)
-        else:
-            comp.save_config(target)
 
 
 def part_entry(part, file: Path, validation: list[dict]) -> dict:

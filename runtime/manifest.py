@@ -247,6 +247,8 @@ def load_manifest(folder: str | Path, verify_hashes: bool = True) -> Manifest:
     """
     root = Path(folder)
     fix = f"re-export with `foresight-export --out {root} --overwrite`"
+    if root.exists() and not root.is_dir():
+        raise ManifestError(f"{root} is a file, not an engines folder: pass the folder foresight-export wrote")
     if not root.is_dir():
         raise ManifestError(f"engines folder {root} does not exist: build it with "
                             f"`foresight-export --model latte --preset tiny --out {root}`")

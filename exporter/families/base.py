@@ -67,8 +67,6 @@ class FolderComponent:
     ``link`` is set (``foresight-export --link-components``): a linked engines folder shares its
     files with the checkpoint, so editing one edits the other."""
 
-    link = False
-
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         config = self.folder / "config.json"

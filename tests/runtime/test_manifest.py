@@ -172,3 +172,9 @@ def test_the_torch_backend_without_weights_in_the_folder_is_refused(engines_copy
     relist(engines_copy)
     with pytest.raises(BackendError, match="no transformer weights"):
         Runtime.load(engines_copy, backend="torch", device="cpu")
+
+
+def test_an_engines_path_that_is_a_file_says_so(tmp_path):
+    (tmp_path / "engines").write_text("not a folder")
+    with pytest.raises(ManifestError, match="is a file"):
+        load_manifest(tmp_path / "engines")
