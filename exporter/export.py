@@ -27,7 +27,7 @@ from pathlib import Path
 
 from runtime.errors import ForesightError
 from runtime.manifest import FORMAT, MANIFEST_NAME, SCHEMA_VERSION, Dims, file_table
-from runtime.outputs import clean_stale, replace_dir, temp_dir
+from runtime.outputs import clean_stale, staged_dir
 
 from .families import get_family
 from .families.base import COMPONENTS, SAVED_COMPONENTS, model_config_dict, resolve_model_path
@@ -349,8 +349,7 @@ def export(opts: ExportOptions, progress=True) -> Path:
 
     t0 = time.perf_counter()
     loaded = family.load(model_path)
-    tmp = temp_dir(out)
-    try:
+    with staged_dir(out) as tmp:
         save_components(loaded.components, tmp, link=opts.link_components)  # before the fp32 cast below
         model = loaded.transformer.float().eval()
         parts = family.parts(model)
@@ -385,10 +384,6 @@ def export(opts: ExportOptions, progress=True) -> Path:
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
         make_readable(tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -332,6 +332,21 @@ def replace_dir(tmp: pathlib.Path, out: pathlib.Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def staged_dir(out):
+    """A temporary folder beside ``out`` (:func:`temp_dir`) to write a whole folder into: renamed
+    over ``out`` (:func:`replace_dir`) when the block ends, removed if it raises (Ctrl-C included),
+    so ``out`` is the complete new folder or the old one, never half of either."""
+    out = pathlib.Path(out).expanduser()
+    tmp = temp_dir(out)
+    try:
+        yield tmp
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def _alive(pid: int) -> bool:
     if os.name == "nt":
         return True  # os.kill(pid, 0) terminates the process on Windows; never guess there.

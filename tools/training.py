@@ -9,8 +9,6 @@ CogVideoX scheduler settings, and saving a pipeline folder atomically.
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -128,17 +126,12 @@ def draw_clips(step: int, args, subset: torch.Tensor | None, n: int, gen: torch.
 def save_pipeline(pipe, out: Path, extra: Callable[[Path], None] | None = None) -> Path:
     """``pipe.save_pretrained`` (then ``extra(folder)`` for any more files) into a temporary sibling, renamed
     into place: ``out`` is the complete new checkpoint or the old one, never half of either."""
-    from exporter.export import replace_dir
+    from runtime.outputs import staged_dir
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
         if extra is not None:
             extra(tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

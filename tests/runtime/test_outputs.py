@@ -255,3 +255,20 @@ def test_sigkill_leftover_removed_by_the_next_run(tmp_path):
     with OutputSet() as staged:  # Adding the same output sweeps the dead run's temporary first.
         staged.add(tmp_path / "out.mp4", lambda tmp: tmp.write_bytes(b"video"))
     assert leftovers(tmp_path) == ["out.mp4"]
+
+
+def test_staged_dir_replaces_the_folder_whole_or_not_at_all(tmp_path):
+    from runtime.outputs import staged_dir
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError):
+        with staged_dir(out) as tmp:
+            (tmp / "new.txt").write_text("new")
+            raise RuntimeError("failed half way")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"] and (out / "old.txt").exists()
+    with staged_dir(out) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
