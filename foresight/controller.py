@@ -77,8 +77,9 @@ class Controller:
                                f"pass its mse before planning step {step}")
         L, P = self.num_layers, self.num_probes
         start, measure = self.config.decide(step, ControllerState(L, P, tuple(self._mse), self._thr))
-        ok = type(start) is int and 0 <= start <= L and type(measure) is bool and not (measure and start == L)
-        assert ok, f"policy {self.config.name!r} decided start={start!r}, measure={measure!r} at step {step}"
+        if not (type(start) is int and 0 <= start <= L and type(measure) is bool and not (measure and start == L)):
+            raise ValueError(f"policy {self.config.name!r} decided start={start!r}, measure={measure!r} at step {step}: "
+                             f"decide() must return (0..{L}, bool), measuring only when a layer runs")
         # Layer `start` takes layer start-1's output, which is that layer's last probe.
         plan = StepPlan(step, start, (start - 1, P - 1) if start else None, measure, L)
         self._steps.append({
@@ -118,7 +119,9 @@ class Controller:
             record[layer] = list(self._mse[layer])
         gamma = self.config.calibration(plan.step)
         if gamma is not None:
-            assert plan.start == 0, f"policy {self.config.name!r} calibrates at step {plan.step}, which skipped layers"
+            if plan.start != 0:
+                raise ValueError(f"policy {self.config.name!r} calibrates at step {plan.step}, which skipped layers: "
+                                 f"thresholds need every layer's mse")
             self._thr = tuple(tuple(gamma * m for m in row) for row in self._mse)
         self._awaiting_observe = False
 

@@ -379,7 +379,7 @@ def test_an_impossible_decision_is_a_policy_bug(fresh_registry, decision):
         def decide(self, step, state):
             return decision
 
-    with pytest.raises(AssertionError, match="policy 'broken' decided"):
+    with pytest.raises(ValueError, match="policy 'broken' decided"):
         make_controller("broken", 2, 1).plan(0)
 
 
