@@ -16,6 +16,7 @@ from .policies import (
     ForesightConfig,
     NoneConfig,
     Policy,
+    ReplayPolicy,
     StaticConfig,
     make_config,
     policy_options,
@@ -23,7 +24,7 @@ from .policies import (
 from .trace import TRACE_SCHEMA, load_trace, trace_to_json
 
 __all__ = [
-    "POLICIES", "ConfigError", "Policy", "ControllerState", "NoneConfig", "StaticConfig", "ForesightConfig",
+    "POLICIES", "ConfigError", "Policy", "ReplayPolicy", "ControllerState", "NoneConfig", "StaticConfig", "ForesightConfig",
     "make_config", "policy_options", "StepPlan", "Controller", "make_controller",
     "TRACE_SCHEMA", "trace_to_json", "load_trace",
 ]

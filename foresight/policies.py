@@ -46,6 +46,9 @@ class Policy(ABC):
             raise TypeError(f"policy name {name!r} is taken by {_REGISTRY[name].__name__}; pick another")
         _REGISTRY[name] = cls
 
+    def check_run(self, num_layers: int, steps: int) -> None:
+        """Refuse, with a ConfigError naming the fix, a run this policy cannot follow (default: none)."""
+
     @abstractmethod
     def decide(self, step: int, state: ControllerState) -> tuple[int, bool]:
         """``(start, measure)`` for ``step``: layers ``start..num_layers-1`` run (``start ==
@@ -141,6 +144,51 @@ class ForesightConfig(Policy):
 
     def calibration(self, step: int) -> float | None:
         return self.threshold if step == self.warmup - 1 else None
+
+
+@dataclass(frozen=True)
+class ReplayPolicy(Policy):
+    """Follows the decisions of a saved trace, step by step (``--policy replay --trace stats.json``):
+    the layers each step ran and whether it measured. It runs a model with another model's
+    decision pattern (a GPU benchmark of a size no trained model exists for) and gives ports
+    of the runtime a conformance input. Refuses a run whose layer or step count differs."""
+
+    decisions: tuple = ()  # ((start, measure), ...): one per step
+    num_layers: int = 0
+    name: ClassVar[str] = "replay"
+
+    def __post_init__(self) -> None:
+        if not self.decisions:
+            raise ConfigError("replay needs the decisions of a saved trace: pass --trace stats.json "
+                              "(written by foresight-run --stats) or a saved foresight-trace/2 file")
+        _check_int("num_layers", self.num_layers, 1, "a trace describes at least one layer")
+        clean = []
+        for step, decision in enumerate(self.decisions):
+            start, measure = decision
+            if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= self.num_layers \
+                    or not isinstance(measure, bool) or (measure and start == self.num_layers):
+                raise ConfigError(f"replay decision {decision!r} at step {step} is not one of a "
+                                  f"{self.num_layers}-layer trace; regenerate the trace")
+            clean.append((start, measure))
+        object.__setattr__(self, "decisions", tuple(clean))  # JSON lists -> tuples, so configs compare
+
+    @classmethod
+    def from_trace(cls, trace: dict) -> "ReplayPolicy":
+        """The decisions of a trace (``load_trace``'s result)."""
+        L = trace["num_layers"]
+        return cls(tuple((L - len(s["computed"]), s["measure"]) for s in trace["steps"]), L)
+
+    def check_run(self, num_layers: int, steps: int) -> None:
+        if num_layers != self.num_layers:
+            raise ConfigError(f"the replayed trace is of a {self.num_layers}-layer model and these engines have "
+                              f"{num_layers} layers: record the trace on a model with as many layers")
+        if steps != len(self.decisions):
+            raise ConfigError(f"the replayed trace has {len(self.decisions)} steps: pass --steps {len(self.decisions)}")
+
+    def decide(self, step: int, state: ControllerState) -> tuple[int, bool]:
+        if state.num_layers != self.num_layers or step >= len(self.decisions):
+            self.check_run(state.num_layers, step + 1)
+        return self.decisions[step]
 
 
 POLICIES: tuple[str, ...] = tuple(_REGISTRY)  # the shipped policies, in CLI order

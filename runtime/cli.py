@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = ap.add_argument_group("static reuse (policy static)")
     s.add_argument("--reuse", type=int, default=None, help="reuse the whole stack N steps ...")
     s.add_argument("--period", type=int, default=None, help="... out of every R")
+    r = ap.add_argument_group("replay (policy replay)")
+    r.add_argument("--trace", type=Path, default=None,
+                   help="follow the decisions of this trace: a foresight-run --stats file or a saved trace")
     ap.add_argument("--backend", choices=["onnxruntime", "torch", "tensorrt"], default="onnxruntime",
                     help="tensorrt needs engines built with foresight-export --backend tensorrt and a GPU")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -68,6 +71,19 @@ def policy_overrides(args) -> dict:
     return given
 
 
+def replay_policy(path: Path):
+    """The replay policy of ``--trace``: a stats.json (its ``trace``) or a saved trace file."""
+    from foresight import ReplayPolicy, load_trace
+
+    try:
+        data = json.loads(path.read_text())
+        trace = load_trace(json.dumps(data["trace"] if isinstance(data, dict) and "trace" in data else data))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise ConfigError(f"--trace {path}: not a readable decision trace ({exc}); pass a foresight-run --stats "
+                          f"file") from None
+    return ReplayPolicy.from_trace(trace)
+
+
 def run(args, outputs) -> dict:
     """Generate and stage every output in ``outputs`` (an OutputSet: they appear together on commit)."""
     from .engine import Runtime, check_request, resolve_device
@@ -83,19 +99,29 @@ def run(args, outputs) -> dict:
         check_output_path(path, suffixes, engines=args.engines)
     check_distinct({flag: path for flag, (path, _) in given.items()})
     overrides = policy_overrides(args)
-    from foresight import make_config
+    if (args.trace is not None) != (args.policy == "replay"):
+        raise ConfigError("--policy replay takes --trace FILE, and --trace applies to --policy replay only")
+    if args.trace is not None:
+        policy = replay_policy(args.trace)
+    else:
+        from foresight import make_config
 
-    make_config(args.policy, **overrides)  # validate before the slow load (defaults are filled in later)
+        make_config(args.policy, **overrides)  # validate before the slow load (defaults are filled in later)
+        policy = args.policy
     if args.backend != "torch" and args.dtype:
         raise ConfigError("--dtype applies to --backend torch only; engines keep the precision they were exported in")
     if args.cuda_graphs and args.backend == "onnxruntime":
         raise ConfigError("--cuda-graphs applies to --backend torch or tensorrt on --device cuda")
     device = resolve_device(args.device)
     manifest = load_manifest(args.engines)
+    if args.trace is not None and args.steps is None:
+        args.steps = len(policy.decisions)  # a replay runs as many steps as its trace
     request = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames,
                    height=args.height, width=args.width, num_inference_steps=args.steps,
                    guidance_scale=args.guidance, seed=args.seed)
     check_request(manifest, **request)
+    if args.trace is not None:
+        policy.check_run(manifest.num_layers, request["num_inference_steps"])
     if args.fps is not None and not 0 < args.fps < 1000:
         raise ConfigError(f"--fps must be in (0, 1000) (got {args.fps})")
 
@@ -103,7 +129,7 @@ def run(args, outputs) -> dict:
     runtime = Runtime.load(args.engines, backend=args.backend, device=device, manifest=manifest, **kwargs)
     if args.vae_tiling:
         runtime.parts.enable_vae_tiling()
-    result = runtime.generate(**request, policy=args.policy, progress=not args.quiet, **overrides)
+    result = runtime.generate(**request, policy=policy, progress=not args.quiet, **overrides)
     stats = result.stats
     write_video(result.frames, args.out, fps=args.fps or runtime.parts.config.get("fps", 8), outputs=outputs)
     if args.save_frames:

@@ -155,6 +155,7 @@ class Runtime:
         req = check_request(self.manifest, prompt, negative_prompt, num_frames, height, width, num_inference_steps,
                             guidance_scale, seed)
         controller = self.controller(policy, **policy_overrides)
+        controller.config.check_run(self.num_layers, req["steps"])
         with self._lock:
             return self._generate(req, controller, progress, decode, t_start)
 

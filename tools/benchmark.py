@@ -46,10 +46,10 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 
-from foresight import POLICIES, ConfigError
+from foresight import ConfigError
 from runtime.backends import BACKENDS
 from tools import common, harness
-from tools.common import csv_choices, fmt
+from tools.common import POLICIES, csv_choices, fmt
 from tools.harness import BASELINE, Run
 from tools.metrics import psnr
 

@@ -14,7 +14,11 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from foresight import POLICIES as ALL_POLICIES
 from runtime.video import atomic_write
+
+# The policies a tool can run on its own: replay needs a saved trace to follow.
+POLICIES = tuple(p for p in ALL_POLICIES if p != "replay")
 
 
 def csv_choices(allowed):

@@ -88,11 +88,11 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from foresight import POLICIES, ConfigError
+from foresight import ConfigError
 from runtime.backends import BACKENDS
 from runtime.errors import BackendError
 from tools import common, evaluate, harness
-from tools.common import csv_choices, fmt
+from tools.common import POLICIES, csv_choices, fmt
 from tools.evaluate import PROMPT_SEED
 from tools.harness import BASELINE
 from tools.metrics import psnr, ssim

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from foresight import POLICIES, ConfigError, make_config
+from foresight import ConfigError, make_config
 from tools import common
-from tools.common import csv_choices, fmt
+from tools.common import POLICIES, csv_choices, fmt
 from tools.metrics import psnr, ssim
 from tools.synthetic import BACKGROUNDS, COLORS, REFERENCE_SIZE, held_out_prompts, parse_prompt
 

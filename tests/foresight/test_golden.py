@@ -13,7 +13,7 @@ import pathlib
 
 import pytest
 
-from foresight import POLICIES, load_trace, make_controller, trace_to_json
+from foresight import load_trace, make_controller, trace_to_json
 from tests.golden import make_synthetic
 
 GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "golden"
@@ -117,7 +117,7 @@ def test_replay_catches_a_changed_decision():
 
 def test_synthetic_goldens_cover_every_model_and_policy():
     names = {p.name for p in FILES}
-    assert {f"synthetic-{m}-{p}.json" for m in make_synthetic.MODELS for p in POLICIES} <= names
+    assert {f"synthetic-{m}-{p}.json" for m in make_synthetic.MODELS for p in make_synthetic.DECIDING} <= names
 
 
 def test_synthetic_foresight_goldens_hold_every_kind_of_free_step():

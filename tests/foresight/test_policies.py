@@ -19,7 +19,7 @@ from foresight import (
 
 
 def test_defaults_and_to_dict():
-    assert POLICIES == ("none", "static", "foresight")
+    assert POLICIES == ("none", "static", "foresight", "replay")
     assert NoneConfig().to_dict() == {"policy": "none"}
     assert StaticConfig().to_dict() == {"policy": "static", "warmup": 4, "reuse": 1, "period": 2}
     assert ForesightConfig().to_dict() == {"policy": "foresight", "warmup": 8, "recalculate": 2, "threshold": 0.5}
@@ -119,7 +119,7 @@ def test_policy_options_are_the_dataclass_fields():
 
 def test_shipped_policies_are_policy_classes():
     for name in POLICIES:
-        config = make_config(name)
+        config = make_config(name, **({"decisions": ((0, False),), "num_layers": 1} if name == "replay" else {}))
         assert isinstance(config, Policy) and config.name == name
     with pytest.raises(TypeError):
         Policy()  # abstract: a policy without a decision rule is not one
@@ -155,7 +155,7 @@ def test_a_new_policy_is_one_class(fresh_registry):
         make_config("skip-prefix", threshold=0.5)
     with pytest.raises(ConfigError, match="skip must be >= 1"):
         make_config("skip-prefix", skip=0)
-    with pytest.raises(ConfigError, match="pass one of none, static, foresight, skip-prefix"):
+    with pytest.raises(ConfigError, match="pass one of none, static, foresight, replay, skip-prefix"):
         make_config("pab")
     ctrl = make_controller("skip-prefix", 3, 1, skip=2)
     assert [list(ctrl.plan(t).computed) for t in range(3)] == [[0, 1, 2], [2], [0, 1, 2]]

@@ -23,7 +23,10 @@ import json
 import pathlib
 import random
 
-from foresight import POLICIES, make_controller, trace_to_json
+from foresight import make_controller, trace_to_json
+
+# The policies that decide from what they measure (replay only follows a trace, e.g. these).
+DECIDING = ("none", "static", "foresight")
 
 GOLDEN = pathlib.Path(__file__).resolve().parent
 PRESETS = GOLDEN.parents[1] / "exporter" / "presets"
@@ -61,7 +64,7 @@ def traces() -> dict[str, str]:
         defaults = PRESETS / preset / "defaults.json"
         foresight = json.loads(defaults.read_text()).get("foresight", {}) if defaults.exists() else {}
         mse = synthetic_mse(steps, num_layers, num_probes)
-        for policy in POLICIES:
+        for policy in DECIDING:
             options = foresight if policy == "foresight" else {}
             trace = record(policy, num_layers, num_probes, mse, **options)
             out[f"synthetic-{model}-{policy}.json"] = trace_to_json(trace)

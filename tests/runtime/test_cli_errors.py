@@ -134,3 +134,26 @@ def test_a_failure_after_the_video_leaves_no_output_at_all(engines_dir, tmp_path
                         "--save-frames", tmp_path / "f.npy", "--quiet")
     assert code == 2 and "heatmap failed" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_replay_follows_a_saved_stats_file_and_refuses_mismatches(engines_dir, tmp_path, capsys):
+    first, again = tmp_path / "a.json", tmp_path / "b.json"
+    code, err = run_cli(capsys, "--engines", engines_dir, "--prompt", PROMPT, "--out", tmp_path / "a.gif",
+                        "--steps", 14, "--warmup", 4, "--recalculate", 3, "--stats", first, "--quiet")
+    assert code == 0, err
+    code, err = run_cli(capsys, "--engines", engines_dir, "--prompt", "a blue circle moving up on a black background",
+                        "--out", tmp_path / "b.gif", "--policy", "replay", "--trace", first, "--stats", again,
+                        "--quiet")
+    assert code == 0, err
+    steps = [json.loads(p.read_text())["trace"]["steps"] for p in (first, again)]
+    assert [s["computed"] for s in steps[0]] == [s["computed"] for s in steps[1]]
+    assert any(len(s["computed"]) < len(steps[0][0]["computed"]) for s in steps[0])  # reuse was replayed
+    replay = ["--engines", engines_dir, "--prompt", PROMPT, "--out", tmp_path / "c.gif", "--policy", "replay"]
+    for extra, words in ((["--trace", first, "--steps", 10], ["14 steps", "--steps 14"]), ([], ["--trace"])):
+        code, err = run_cli(capsys, *replay, *extra)
+        assert code == 2 and "error:" in err and "Traceback" not in err, err
+        assert all(w in err for w in words), err
+    code, err = run_cli(capsys, "--engines", engines_dir, "--prompt", PROMPT, "--out", tmp_path / "c.gif",
+                        "--policy", "replay", "--trace", tmp_path / "a.gif")
+    assert code == 2 and "not a readable decision trace" in err
+    assert not (tmp_path / "c.gif").exists()
