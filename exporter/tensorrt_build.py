@@ -108,7 +108,7 @@ def build_engines(folder: Path, workspace: int | None = None, progress=True) -> 
 def write_manifest_section(folder: Path, key: str, value: dict, files: list[str] = ()) -> None:
     """Replace one top-level manifest entry atomically (temp file + rename), listing ``files``
     (paths relative to the folder that the section names) with their hashes."""
-    from runtime.video import atomic_write
+    from runtime.outputs import atomic_write
 
     path = folder / MANIFEST_NAME
     data = json.loads(path.read_text())

@@ -93,13 +93,6 @@ class Runtime:
         return cls(manifest, engine, make_pipeline(manifest, dev), dev)
 
     # ---------------------------------------------------------------- shapes
-    def resolve_shape(self, frames: int | None, height: int | None, width: int | None) -> tuple[int, int, int]:
-        """Video frames, height and width (defaults filled in), checked against the built ranges
-        and the VAE's frame rule (which fails naming the nearest valid frame counts)."""
-        shape = check_shape(self.manifest, frames, height, width)
-        self.parts.latent_frames(shape[0])
-        return shape
-
     def pool(self, dims: dict[str, int]) -> BufferPool:
         """The buffers for one shape, from a cache of at most ``POOL_CACHE_SIZE`` (least recently used out)."""
         key = tuple(sorted(dims.items()))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from foresight import POLICIES as ALL_POLICIES
-from runtime.video import atomic_write
+from runtime.outputs import atomic_write
 
 # The policies a tool can run on its own: replay needs a saved trace to follow.
 POLICIES = tuple(p for p in ALL_POLICIES if p != "replay")

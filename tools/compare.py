@@ -531,7 +531,7 @@ def plot(results: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from runtime.video import atomic_write
+    from runtime.outputs import atomic_write
 
     ok = [r for r in results if r["status"] == "ok"]
     finite = [r["psnr"] for r in ok if math.isfinite(r["psnr"])]
