@@ -34,9 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "for now (ONNX Runtime on CPU cannot validate it)")
     ap.add_argument("--tolerance", type=float, default=None,
                     help="max relative error ONNX vs PyTorch in the same dtype (default fp32 1e-4, fp16 1e-2)")
-    ap.add_argument("--backend", choices=["onnxruntime", "tensorrt"], default="onnxruntime",
-                    help="onnxruntime runs the ONNX files directly; tensorrt also builds one engine per file "
-                         "(needs tensorrt and an NVIDIA GPU; an existing --out is updated, unchanged engines reused)")
+    ap.add_argument("--backend", choices=["onnxruntime", "aoti", "tensorrt"], default="onnxruntime",
+                    help="onnxruntime runs the ONNX files directly; aoti also compiles every part with AOTInductor "
+                         "for --device (layers built alike share one program; unchanged programs of an existing "
+                         "--out are reused); tensorrt also builds one engine per file (needs tensorrt and an NVIDIA "
+                         "GPU; an existing --out is updated, unchanged engines reused)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                    help="with --backend aoti: the device the packages are compiled for and run on (default cpu)")
     ap.add_argument("--workspace", type=int, default=None, help="TensorRT workspace limit in MiB")
     ap.add_argument("--validate", action="store_true",
                     help="with --backend tensorrt: compare every engine with ONNX Runtime (Polygraphy) and print "
@@ -60,13 +64,17 @@ def _main(args) -> int:
         tag = args.preset or Path(args.model_path.rstrip("/")).name
         out = Path("engines") / f"{args.model}-{tag}"
     try:
+        if args.device != "cpu" and args.backend != "aoti":
+            raise ForesightError("--device applies to --backend aoti (TensorRT engines are always built for the GPU)")
         if args.backend == "tensorrt":
             from .tensorrt_build import require_tensorrt
 
             require_tensorrt()  # say what to install before spending minutes on ONNX export
         folder = export(ExportOptions(model=args.model, out=out, model_path=args.model_path, preset=args.preset,
                                       overwrite=args.overwrite, tolerance=args.tolerance, max_scale=args.max_scale,
-                                      link_components=args.link_components, dtype=args.dtype))
+                                      link_components=args.link_components, dtype=args.dtype,
+                                      backend="aoti" if args.backend == "aoti" else "onnxruntime",
+                                      device=args.device))
         if args.backend == "tensorrt":
             from .tensorrt_build import build_engines
 

@@ -58,6 +58,8 @@ class ExportOptions:
     max_scale: int = 2
     seed: int = 0
     link_components: bool = False  # hard-link component files from the checkpoint instead of copying
+    backend: str = "onnxruntime"  # "aoti" also compiles every part with AOTInductor (exporter/aoti_build.py)
+    device: str = "cpu"  # the device AOTInductor packages are compiled for
 
 
 def validation_dims(dims_spec: dict) -> list[dict]:
@@ -353,6 +355,10 @@ def export(opts: ExportOptions, progress=True) -> Path:
         raise ExportError(f"--dtype {opts.dtype}: this version exports {', '.join(DTYPES)} (bfloat16 files could "
                           f"not be validated: ONNX Runtime's CPU provider has no bf16 kernels)")
     tolerance = TOLERANCES[opts.dtype] if opts.tolerance is None else opts.tolerance
+    if opts.backend == "aoti":
+        from .aoti_build import require_compiler
+
+        require_compiler(opts.device)  # before minutes of export
     family = get_family(opts.model)
     model_path = resolve_model_path(family, opts.model_path, opts.preset)
     out = check_out(Path(opts.out), model_path, opts.overwrite)
@@ -397,6 +403,14 @@ def export(opts: ExportOptions, progress=True) -> Path:
         manifest["validation"] = {"tolerance": tolerance, "reference": f"torch eager {opts.dtype}",
                                   "runner": "onnxruntime CPU"}
         carry_engines(out, tmp, manifest)
+        if opts.backend == "aoti":
+            from . import aoti_build
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                manifest["aoti"] = aoti_build.build(tmp, parts, dims_spec, opts.device, opts.dtype,
+                                                    previous=out if out.is_dir() else None, generator=generator,
+                                                    progress=progress)
         manifest["files"] = file_table(tmp)
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")

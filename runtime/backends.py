@@ -23,7 +23,7 @@ import torch
 from .errors import BackendError
 from .manifest import Manifest
 
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
+BACKENDS = ("onnxruntime", "torch", "aoti", "tensorrt")
 log = logging.getLogger(__name__)
 ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
              "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
@@ -49,7 +49,11 @@ class Backend:
         self.device = torch.device(device)
         self.calls: Counter[str] = Counter()  # part name -> engine calls (test oracle)
         self.loaded = 0  # engines / sessions loaded
+        # Bytes a backend copied from tensors it allocated into the caller's buffers (torch modules and
+        # AOTInductor packages return their own outputs); 0 for backends that write into bound buffers.
+        self.bytes_copied = 0
         self._graphs: dict[tuple, object] = {}  # CUDA graphs keyed by part and bound buffers (_graph_key)
+        self._graph_pool = None  # one memory pool shared by every captured graph
         # Dtype of the I/O buffers: compiled engines take what their files were exported in.
         self.io_dtype = getattr(torch, manifest.dtype)
 
@@ -68,6 +72,30 @@ class Backend:
 
     def _run(self, part, inputs, outputs):  # pragma: no cover - interface
         raise NotImplementedError
+
+    def _replay_graph(self, part, inputs, outputs, call) -> None:
+        """Run ``call(part, inputs, outputs)`` through a CUDA graph captured on its first call with these
+        buffers. All graphs share one memory pool (parts run one after another on one stream)."""
+        key = self._graph_key(part, inputs, outputs)
+        graph = self._graphs.get(key)
+        if graph is None:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up outside capture (cuBLAS handles, allocations)
+                call(part, inputs, outputs)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._graph_pool):
+                call(part, inputs, outputs)
+            self._graph_pool = graph.pool()
+            self._graphs[key] = graph
+        graph.replay()
+
+    def _copy_out(self, part, result, outputs) -> None:
+        """Copy a part's own result tensors into the caller's buffers, counting the bytes."""
+        for name, value in zip(self.output_names[part], result):
+            outputs[name].copy_(value)
+            self.bytes_copied += value.numel() * value.element_size()
 
     @staticmethod
     def _graph_key(part, inputs, outputs) -> tuple:
@@ -173,7 +201,6 @@ class TorchBackend(Backend):
         if cuda_graphs and self.device.type != "cuda":
             raise BackendError("CUDA graphs need --device cuda")
         self.cuda_graphs = cuda_graphs
-        self._graph_pool = None
         self.io_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         missing = sorted({p.name for p in manifest.all_parts} - modules.keys())
         if missing:
@@ -183,30 +210,75 @@ class TorchBackend(Backend):
         self.loaded = len(self.modules)
 
     def _run(self, part, inputs, outputs):
-        if not self.cuda_graphs:
-            return self._eager(part, inputs, outputs)
-        # All graphs share one memory pool (parts run one after another on one stream, never concurrently).
-        key = self._graph_key(part, inputs, outputs)
-        graph = self._graphs.get(key)
-        if graph is None:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):  # warm-up outside capture (cuBLAS handles, allocations)
-                self._eager(part, inputs, outputs)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._graph_pool):
-                self._eager(part, inputs, outputs)
-            self._graph_pool = graph.pool()
-            self._graphs[key] = graph
-        graph.replay()
+        if self.cuda_graphs:
+            return self._replay_graph(part, inputs, outputs, self._eager)
+        self._eager(part, inputs, outputs)
 
     @torch.no_grad()
     def _eager(self, part, inputs, outputs):
         result = self.modules[part](*inputs.values())
-        result = result if isinstance(result, tuple) else (result,)
-        for name, value in zip(self.output_names[part], result):
-            outputs[name].copy_(value)
+        self._copy_out(part, result if isinstance(result, tuple) else (result,), outputs)
+
+
+class AOTInductorBackend(Backend):
+    """AOTInductor packages (``foresight-export --backend aoti``): one instance of a compiled program
+    per part, loaded with that part's weights; parts built alike share the program file.
+
+    A package returns tensors it allocates (AOTInductor has no caller-provided outputs), so each
+    result is copied into the runtime's buffer and counted in ``bytes_copied``: one copy of each
+    output, the minimum with that interface. On CUDA, ``cuda_graphs`` captures run and copy together.
+    """
+
+    name = "aoti"
+
+    def __init__(self, manifest: Manifest, device: torch.device, cuda_graphs: bool = False):
+        super().__init__(manifest, device)
+        import json
+
+        from .aoti import check_compat
+
+        section = manifest.aoti
+        if not section:
+            raise BackendError(f"{manifest.root} has no AOTInductor packages: build them with `foresight-export "
+                               f"--backend aoti --device {self.device.type} --out {manifest.root} --overwrite`")
+        if cuda_graphs and self.device.type != "cuda":
+            raise BackendError("CUDA graphs need --device cuda")
+        check_compat(section, self.device, manifest.root)
+        from safetensors.torch import load_file
+
+        self.cuda_graphs = cuda_graphs
+        self.output_names = {p.name: p.output_names for p in manifest.all_parts}
+        self.runners = {}
+        index = self.device.index if self.device.index is not None else -1
+        for part in manifest.all_parts:
+            entry = section["parts"][part.name]
+            path = manifest.path(section["programs"][entry["program"]]["file"])
+            try:
+                runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+                io = json.loads(runner.get_metadata().get("foresight.io", "null") or "null")
+            except (RuntimeError, ValueError) as exc:
+                raise BackendError(f"could not load the AOTInductor package {path} ({exc}); re-export with "
+                                   f"`foresight-export --backend aoti --out {manifest.root} --overwrite`") from None
+            if not io:
+                raise BackendError(f"{path} is not a package foresight-export built (no I/O signature); re-export")
+            check_io(part, path, [tuple(x) for x in io["inputs"]], [tuple(x) for x in io["outputs"]])
+            weights = load_file(str(manifest.path(entry["weights"])), device=str(self.device))
+            want = set(runner.get_constant_fqns())
+            if set(weights) != want:
+                raise BackendError(f"{entry['weights']} holds other weights than {path.name} takes "
+                                   f"(missing {sorted(want - set(weights))[:3]}, extra "
+                                   f"{sorted(set(weights) - want)[:3]}); re-export the engines folder")
+            runner.load_constants(weights, False, True, False, False)
+            self.runners[part.name] = runner
+            self.loaded += 1
+
+    def _run(self, part, inputs, outputs):
+        if self.cuda_graphs:
+            return self._replay_graph(part, inputs, outputs, self._call)
+        self._call(part, inputs, outputs)
+
+    def _call(self, part, inputs, outputs):
+        self._copy_out(part, self.runners[part].run(list(inputs.values())), outputs)
 
 
 class TensorRTBackend(Backend):
@@ -346,4 +418,6 @@ def make_backend(name: str, manifest: Manifest, device, **kwargs) -> Backend:
         return TorchBackend(manifest, device, modules, **kwargs)
     if name == "tensorrt":
         return TensorRTBackend(manifest, device, **kwargs)
+    if name == "aoti":
+        return AOTInductorBackend(manifest, device, **kwargs)
     raise BackendError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")

@@ -39,11 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = ap.add_argument_group("replay (policy replay)")
     r.add_argument("--trace", type=Path, default=None,
                    help="follow the decisions of this trace: a foresight-run --stats file or a saved trace")
-    ap.add_argument("--backend", choices=["onnxruntime", "torch", "tensorrt"], default="onnxruntime",
-                    help="tensorrt needs engines built with foresight-export --backend tensorrt and a GPU")
+    ap.add_argument("--backend", choices=["onnxruntime", "torch", "aoti", "tensorrt"], default="onnxruntime",
+                    help="aoti needs packages built with foresight-export --backend aoti for this device; tensorrt "
+                         "needs engines built with foresight-export --backend tensorrt and a GPU")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--cuda-graphs", action="store_true",
-                    help="torch and tensorrt backends on CUDA: capture each part once per buffer set and replay it")
+                    help="torch, aoti and tensorrt backends on CUDA: capture each part once per buffer set and replay it")
     ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                     help="torch backend compute dtype (engines keep the precision they were exported in)")
     ap.add_argument("--vae-tiling", action="store_true",
@@ -111,7 +112,7 @@ def run(args, outputs) -> dict:
     if args.backend != "torch" and args.dtype:
         raise ConfigError("--dtype applies to --backend torch only; engines keep the precision they were exported in")
     if args.cuda_graphs and args.backend == "onnxruntime":
-        raise ConfigError("--cuda-graphs applies to --backend torch or tensorrt on --device cuda")
+        raise ConfigError("--cuda-graphs applies to --backend torch, aoti or tensorrt on --device cuda")
     device = resolve_device(args.device)
     manifest = load_manifest(args.engines)
     if args.trace is not None and args.steps is None:

@@ -211,6 +211,7 @@ class Manifest:
     foresight_defaults: Mapping
     source: Mapping = field(default_factory=dict)  # the checkpoint it was exported from (for tools; never read)
     tensorrt: Mapping | None = None
+    aoti: Mapping | None = None  # AOTInductor packages (runtime/aoti.py): identity, programs, per-part weights
     raw: Mapping = field(default_factory=dict, repr=False)  # for writers that update one section
 
     @property
@@ -325,7 +326,7 @@ def _parse(root: Path, data: dict) -> Manifest:
         components=MappingProxyType(dict(data["components"])),
         files=MappingProxyType({k: FileEntry(v["sha256"], v["bytes"]) for k, v in data["files"].items()}),
         foresight_defaults=MappingProxyType(data["foresight_defaults"]),
-        source=MappingProxyType(data["model"].get("source", {})), tensorrt=tensorrt, raw=data,
+        source=MappingProxyType(data["model"].get("source", {})), tensorrt=tensorrt, aoti=data.get("aoti"), raw=data,
     )
 
 
@@ -389,6 +390,15 @@ def _check_references(m: Manifest) -> None:
         raise ValueError(f"flow.head_output {f.head_output!r} is not an output of the head")
     if f.probes[-1] not in f.layer_state_out.values():
         raise ValueError("the last probe must be the layer output carried on (reuse feeds it to the next layer)")
+    if m.aoti:
+        a = m.aoti
+        if list(a["parts"]) != names:
+            raise ValueError(f"aoti.parts must list every part in order ({names[0]}..{names[-1]})")
+        unknown = sorted({e["program"] for e in a["parts"].values()} - set(a["programs"]))
+        if unknown:
+            raise ValueError(f"aoti.parts name programs that aoti.programs does not list: {', '.join(unknown)}")
+        if a["dtype"] != m.dtype:
+            raise ValueError(f"aoti.dtype {a['dtype']} differs from the manifest's dtype {m.dtype}")
 
 
 def _inside(root: Path, relative: str) -> Path:
@@ -407,6 +417,8 @@ def _check_files(m: Manifest, verify_hashes: bool, fix: str) -> None:
         needed += [e["file"] for e in m.tensorrt.get("engines", {}).values()]
         if m.tensorrt.get("timing_cache"):
             needed.append(m.tensorrt["timing_cache"])
+    if m.aoti:
+        needed += [e["file"] for e in m.aoti["programs"].values()] + [e["weights"] for e in m.aoti["parts"].values()]
     for rel in needed:  # relative without `..` by the schema; _inside catches symlinks leading out
         path = _inside(root, rel)
         if path.is_dir():  # a component folder: every file in it is listed, nothing else is in it
