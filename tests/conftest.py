@@ -45,3 +45,14 @@ def runtime_torch(engines_dir):
     from runtime import Runtime
 
     return Runtime.load(engines_dir, backend="torch", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def aoti_engines_dir(tmp_path_factory) -> Path:
+    """The tiny CogVideoX exported with AOTInductor packages for the CPU (about 90 s: ONNX
+    export, then 3 compiled programs for its 8 parts); tests must not modify it."""
+    from exporter.export import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("engines") / "cogvideox-tiny-aoti"
+    export(ExportOptions(model="cogvideox", preset="tiny", out=out, backend="aoti", device="cpu"), progress=False)
+    return out
