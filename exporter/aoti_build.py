@@ -112,7 +112,7 @@ def trace(part, dims_spec: dict, device, generator):
     import torch
     from torch.export import export
 
-    from .export import dynamic_shapes, make_inputs
+    from .inputs import dynamic_shapes, make_inputs
 
     example = tuple(t.to(device) for t in make_inputs(part.inputs, trace_dims(dims_spec), generator))
     with torch.no_grad():
@@ -154,7 +154,7 @@ def validate(runner, part, dims_spec: dict, device, generator) -> list[dict]:
     """The compiled part vs its eager module at the export's two validation shapes."""
     import torch
 
-    from .export import make_inputs, validation_dims
+    from .inputs import make_inputs, validation_dims
 
     results = []
     for dims in validation_dims(dims_spec):
@@ -212,7 +212,8 @@ def build(folder: Path, parts, dims_spec: dict, device: str, dtype: str, previou
         file = folder / FOLDER / f"{program.name}.pt2"
         how = "reused"
         if program.key in carried:
-            shutil.copy2(carried[program.key], file)
+            if carried[program.key].resolve() != file.resolve():
+                shutil.copy2(carried[program.key], file)
         else:
             configs = {**INDUCTOR_CONFIGS, "aot_inductor.metadata": {
                 "foresight.part": program.name, "foresight.io": json.dumps(io_signature(first))}}

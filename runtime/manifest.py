@@ -291,10 +291,11 @@ def load_manifest(folder: str | Path, verify_hashes: bool = True) -> Manifest:
     return manifest
 
 
-def describe_in_memory(data: dict) -> Manifest:
+def describe_in_memory(data: dict, root: Path | None = None) -> Manifest:
     """A manifest for engines held in memory (no files: the torch backend handed its modules,
-    e.g. tools/gpu_check.py): the same schema and cross-reference checks, no file checks."""
-    where = Path("<in-memory>")
+    e.g. tools/gpu_check.py): the same schema and cross-reference checks, no file checks.
+    ``root``: where the section files it names live (AOTInductor packages a tool just built)."""
+    where = Path(root) if root is not None else Path("<in-memory>")
     _check_schema(data, where, "fix the description")
     try:
         manifest = _parse(where, data)

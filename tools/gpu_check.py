@@ -20,6 +20,7 @@ graphs, peak memory of each configuration; ``gpu_check.json`` and ``gpu_check.md
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from pathlib import Path
@@ -61,28 +62,68 @@ def build(size: dict, device, dtype, seed: int = 0):
             "scheduler": scheduler}
 
 
-def in_memory_runtime(components: dict, device, dtype, cuda_graphs: bool = False):
-    """The runtime over an engines description held in memory (no ONNX files)."""
+def in_memory_runtime(components: dict, device, dtype, cuda_graphs: bool = False, backend: str = "torch",
+                      aoti_dir: Path | None = None):
+    """The runtime over an engines description held in memory (no ONNX files). ``backend="aoti"``
+    compiles every part with AOTInductor into ``aoti_dir`` first (or reuses the programs already
+    there with unchanged keys), as ``foresight-export --backend aoti`` would."""
     from exporter.export import describe
     from exporter.families import get_family
     from dit.latte import part_modules
     from runtime.backends import make_backend
     from runtime.engine import Runtime
-    from runtime.manifest import describe_in_memory
+    from runtime.manifest import describe_in_memory, sha256_file
     from runtime.pipelines import make_pipeline
 
     family = get_family("latte")
     model = components["transformer"]
     parts = family.parts(model)
+    name = str(dtype).removeprefix("torch.")
+    for spec in (s for p in parts for s in (*p.inputs, *p.outputs)):
+        if not spec.fixed_dtype:
+            spec.dtype = name
     entries = [{"name": p.name, "file": f"{p.name}.onnx", "inputs": [s.to_dict() for s in p.inputs],
                 "outputs": [s.to_dict() for s in p.outputs]} for p in parts]  # files never read
     vae_config = dict(components["vae"].config)
     dims = family.dims(model, 2 ** (len(vae_config["block_out_channels"]) - 1))
     description = describe(family, model, vae_config, dims, entries, name="in-memory", source="in-memory")
     description["pipeline"]["max_steps"] = int(components["scheduler"].config.num_train_timesteps)
-    manifest = describe_in_memory(description)
-    backend = make_backend("torch", manifest, device, modules=part_modules(model), dtype=dtype, cuda_graphs=cuda_graphs)
-    return Runtime(manifest, backend, make_pipeline(manifest, torch.device(device), components), torch.device(device))
+    description["dtype"] = name  # the parts' I/O in the run's dtype, as an export with --dtype writes it
+    for spec in description["flow"].get("pipeline_inputs", []):
+        spec["dtype"] = name
+    if backend == "aoti":
+        from exporter import aoti_build
+
+        aoti_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        section = aoti_build.build(aoti_dir, parts, dims, device, name, previous=aoti_dir, progress=False)
+        section["wall_seconds"] = time.perf_counter() - t0
+        # What a later build reads to reuse these programs (exporter/aoti_build.previous_programs).
+        files = [e["file"] for e in section["programs"].values()]
+        (aoti_dir / "manifest.json").write_text(json.dumps({"aoti": section, "files": {
+            f: {"sha256": sha256_file(aoti_dir / f)} for f in files}}))
+        description["aoti"] = section
+        manifest = describe_in_memory(description, root=aoti_dir)
+        engine = make_backend("aoti", manifest, device, cuda_graphs=cuda_graphs)
+    else:
+        manifest = describe_in_memory(description)
+        engine = make_backend("torch", manifest, device, modules=part_modules(model), dtype=dtype,
+                              cuda_graphs=cuda_graphs)
+    return Runtime(manifest, engine, make_pipeline(manifest, torch.device(device), components), torch.device(device))
+
+
+def stretched_replay(stats_file: Path, num_layers: int, steps: int):
+    """The decisions of a ``foresight-run --stats`` file of a smaller trained model, stretched to
+    ``num_layers``: a step that started computing at layer s of L starts at round(s * num_layers / L)
+    (all-reuse and all-compute steps stay so). The step count must be the run's."""
+    from foresight import ReplayPolicy
+    from runtime.cli import replay_policy
+
+    source = replay_policy(stats_file)
+    if len(source.decisions) != steps:
+        raise SystemExit(f"--replay {stats_file} has {len(source.decisions)} steps; pass --steps {len(source.decisions)}")
+    L = source.num_layers
+    return ReplayPolicy(tuple((round(s * num_layers / L), m) for s, m in source.decisions), num_layers)
 
 
 class PartTimer:
@@ -115,13 +156,15 @@ class PartTimer:
         del self.backend.run
 
 
-def diffusers_denoise(components, device, steps, frames, height, width, seed):
+def diffusers_denoise(components, device, steps, frames, height, width, seed, transformer=None):
     """Seconds of LattePipeline's denoising loop (the harness's window), the mean of its transformer calls,
-    and its final latents."""
+    and its final latents. ``transformer``: another transformer to call (the torch.compile'd one)."""
     from diffusers import LattePipeline
 
-    pipe = LattePipeline(**{k: components[k] for k in ("tokenizer", "text_encoder", "vae", "transformer",
-                                                        "scheduler")})
+    parts = {k: components[k] for k in ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")}
+    if transformer is not None:
+        parts["transformer"] = transformer
+    pipe = LattePipeline(**parts)
     runner = DiffusersRunner(pipe, dict(video_length=frames, height=height, width=width, clean_caption=False), device)
     calls = Stopwatch(device)
     forward = pipe.transformer.forward
@@ -130,11 +173,15 @@ def diffusers_denoise(components, device, steps, frames, height, width, seed):
         with calls.window():
             return forward(*a, **k)
 
+    own = "forward" in vars(pipe.transformer)  # torch.compile's OptimizedModule sets forward on the instance
     pipe.transformer.forward = timed_forward
     try:
         out = runner(DEFAULT_PROMPT, seed, steps, decode=False)
     finally:
-        del pipe.transformer.forward
+        if own:
+            pipe.transformer.forward = forward
+        else:
+            del pipe.transformer.forward
     return out.seconds, statistics.mean(calls.seconds), out.latents
 
 
@@ -147,6 +194,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backends", default="torch,aoti", help="runtime backends to compare (torch, aoti)")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time diffusers with torch.compile on its transformer (default on)")
+    ap.add_argument("--replay", type=Path, default=None,
+                    help="a foresight-run --stats file of the trained preset at --steps steps: its Foresight decisions "
+                         "are replayed, stretched to this model's layers")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     device, dtype = args.device, getattr(torch, args.dtype)
@@ -157,6 +210,25 @@ def main(argv=None) -> dict:
     rt = in_memory_runtime(components, device, dtype)
     cuda = torch.device(device).type == "cuda"
     rt_graphs = in_memory_runtime(components, device, dtype, cuda_graphs=True) if cuda else None
+    backends = args.backends.split(",")
+    compile_seconds = {}
+    aoti_error = None
+    if "aoti" in backends:
+        from runtime.errors import ForesightError
+
+        aoti_dir = args.out / "aoti-programs"
+        try:
+            rt_aoti = in_memory_runtime(components, device, dtype, backend="aoti", aoti_dir=aoti_dir)
+            compile_seconds["aoti"] = rt_aoti.manifest.aoti["wall_seconds"]
+            rt_aoti_graphs = in_memory_runtime(components, device, dtype, cuda_graphs=True, backend="aoti",
+                                               aoti_dir=aoti_dir) if cuda else None
+        except ForesightError as exc:  # reported, and the other configurations still run
+            aoti_error = str(exc)
+            print(f"aoti: {exc}")
+            backends.remove("aoti")
+    compiled = None
+    if args.compile:
+        compiled = torch.compile(components["transformer"], fullgraph=True)
     gen = dict(num_frames=size["frames"], height=px, width=px, num_inference_steps=args.steps, seed=args.seed,
                decode=False)
     configs = {
@@ -168,7 +240,22 @@ def main(argv=None) -> dict:
     if rt_graphs is not None:
         configs["none+cudagraphs"] = (rt_graphs, dict(policy="none"))
         configs["foresight+cudagraphs"] = (rt_graphs, dict(policy="foresight"))
-    samples = {name: [] for name in ["diffusers", *configs]}
+    replay = stretched_replay(args.replay, size["layers"], args.steps) if args.replay else None
+    if replay is not None:
+        configs["replay"] = (rt, dict(policy=replay))
+        if rt_graphs is not None:
+            configs["replay+cudagraphs"] = (rt_graphs, dict(policy=replay))
+    if "aoti" in backends:
+        configs["aoti none"] = (rt_aoti, dict(policy="none"))
+        configs["aoti foresight"] = (rt_aoti, dict(policy="foresight"))
+        if replay is not None:
+            configs["aoti replay"] = (rt_aoti, dict(policy=replay))
+        if rt_aoti_graphs is not None:
+            configs["aoti none+cudagraphs"] = (rt_aoti_graphs, dict(policy="none"))
+            if replay is not None:
+                configs["aoti replay+cudagraphs"] = (rt_aoti_graphs, dict(policy=replay))
+    baselines = ["diffusers"] + (["diffusers+compile"] if compiled is not None else [])
+    samples = {name: [] for name in [*baselines, *configs]}
     memory, skipped, transformer_call = {}, {}, []
     peak = PeakMemory(device)
 
@@ -178,6 +265,10 @@ def main(argv=None) -> dict:
     for name, (runtime, kw) in configs.items():  # warm-up (and CUDA graph capture)
         runtime.generate(DEFAULT_PROMPT, **gen, **kw)
     diffusers_denoise(components, device, 2, size["frames"], px, px, args.seed)
+    if compiled is not None:  # the first call compiles
+        t_compile = time.perf_counter()
+        diffusers_denoise(components, device, 2, size["frames"], px, px, args.seed, transformer=compiled)
+        compile_seconds["diffusers+compile"] = time.perf_counter() - t_compile
     latents = {}
     for _ in range(args.repeats):  # interleaved rounds
         with peak:
@@ -186,6 +277,12 @@ def main(argv=None) -> dict:
         samples["diffusers"].append(seconds)
         transformer_call.append(per_call)
         memory["diffusers"] = peak_gib()
+        if compiled is not None:
+            with peak:
+                seconds, _, latents["diffusers+compile"] = diffusers_denoise(
+                    components, device, args.steps, size["frames"], px, px, args.seed, transformer=compiled)
+            samples["diffusers+compile"].append(seconds)
+            memory["diffusers+compile"] = peak_gib()
         for name, (runtime, kw) in configs.items():
             with peak:
                 r = runtime.generate(DEFAULT_PROMPT, **gen, **kw)
@@ -196,6 +293,11 @@ def main(argv=None) -> dict:
     with PartTimer(rt.backend, device) as timer:
         rt.generate(DEFAULT_PROMPT, **gen, policy="none")
     part_ms = {part: statistics.mean(v) for part, v in timer.samples.items()}
+    aoti_part_ms = {}
+    if "aoti" in backends:
+        with PartTimer(rt_aoti.backend, device) as timer:
+            rt_aoti.generate(DEFAULT_PROMPT, **gen, policy="none")
+        aoti_part_ms = {part: statistics.mean(v) for part, v in timer.samples.items()}
     med = {k: statistics.median(v) for k, v in samples.items()}
     base = med["diffusers"]
     step_ms = {k: 1e3 * v / args.steps for k, v in med.items()}
@@ -210,7 +312,9 @@ def main(argv=None) -> dict:
     agreement = {"none_vs_diffusers": rel("none", "diffusers"),
                  "none+cudagraphs_vs_none": rel("none+cudagraphs", "none"),
                  "foresight+cudagraphs_vs_foresight": rel("foresight+cudagraphs", "foresight"),
-                 "foresight_vs_none": rel("foresight", "none")}
+                 "foresight_vs_none": rel("foresight", "none"),
+                 "aoti_none_vs_none": rel("aoti none", "none"),
+                 "diffusers+compile_vs_diffusers": rel("diffusers+compile", "diffusers")}
     # One denoising step in the run's dtype: one forward's worth of rounding, before a random-weight
     # model's 20 steps amplify it (its latents grow to hundreds), and the whole run in float32.
     _, _, latents["diffusers_1_step"] = diffusers_denoise(components, device, 1, size["frames"], px, px, args.seed)
@@ -232,7 +336,8 @@ def main(argv=None) -> dict:
         "step_ms": step_ms, "skipped_share": skipped, "peak_memory_gib": memory,
         "diffusers_transformer_call_ms": 1e3 * statistics.median(transformer_call),
         "runtime_overhead_ms_per_step": step_ms["none"] - 1e3 * statistics.median(transformer_call),
-        "part_ms": part_ms, "latents_rel_err": agreement,
+        "part_ms": part_ms, "aoti_part_ms": aoti_part_ms, "aoti_error": aoti_error, "compile_seconds": compile_seconds,
+        "latents_rel_err": agreement,
         "diffusers_latents_max_abs": float(latents["diffusers"].float().abs().max()),
         "layer_ms_mean": statistics.mean(v for k, v in part_ms.items() if k.startswith("layer")),
         "cuda_graphs_speedup": (med["none"] / med["none+cudagraphs"]) if "none+cudagraphs" in med else None,
@@ -250,6 +355,13 @@ def main(argv=None) -> dict:
                   f"head {part_ms['head']:.2f} ms"]
     lines.append("final latents, max abs diff / max abs: " + ", ".join(
         f"{k} {v:.2e}" for k, v in agreement.items() if v is not None))
+    if aoti_part_ms:
+        lines.append(f"aoti: mean layer {statistics.mean(v for k, v in aoti_part_ms.items() if k.startswith('layer')):.2f} "
+                     f"ms, stem {aoti_part_ms['stem']:.2f} ms, head {aoti_part_ms['head']:.2f} ms")
+    if "diffusers+compile" in med:
+        lines.append(f"aoti none vs diffusers+compile: {med['diffusers+compile'] / med['aoti none']:.2f}x"
+                     if "aoti none" in med else "")
+    lines.append("compile seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in compile_seconds.items()))
     if report["cuda_graphs_speedup"]:
         lines.append(f"CUDA graphs: {report['cuda_graphs_speedup']:.2f}x on none")
     text = "\n".join(lines)

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Every GPU check in one run, for the lent GPU machine (H100/H200 with PyTorch + CUDA; no TensorRT,
-# no onnxruntime-gpu). Results under $OUT (default /tmp/gpu-checks):
-#   env.txt         GPU and library versions
-#   gpu_check.*     tools/gpu_check.py: Latte-1-sized model, bf16, runtime vs diffusers eager (< 8 min)
-#   pytest.txt      CUDA conformance (torch fp32/bf16/fp16), runtime on CUDA vs CPU, CUDA graphs, syncs per step,
-#                   CogVideoX and Open-Sora presets on CUDA vs their reference pipelines
-#   demo.gif, reuse.png, stats.json   foresight-run of the shipped preset on the GPU (torch backend, bf16)
+# Every GPU check in one run, for the lent GPU machine (H100/H200 with PyTorch + CUDA + Triton; no TensorRT,
+# no onnxruntime-gpu). About 10 minutes. Results under $OUT (default /tmp/gpu-checks):
+#   env.txt              GPU and library versions
+#   latte-tiny-20.json   foresight-run --stats of the trained Latte preset at 20 steps: the decision pattern replayed below
+#   gpu_check.*          tools/gpu_check.py: Latte-1-sized model, bf16, 16x256x256: diffusers eager, diffusers +
+#                        torch.compile, runtime torch / torch+graphs / aoti / aoti+graphs with none, foresight and the
+#                        replayed pattern; per-part ms, ms/step, peak memory, compile seconds
+#   pytest.txt           CUDA conformance (torch fp32/bf16/fp16), runtime on CUDA vs CPU, CUDA graphs, syncs per step,
+#                        AOTInductor packages compiled for CUDA vs torch on CUDA (with and without CUDA graphs)
+#   demo.gif, reuse.png, stats.json   foresight-run of the shipped preset on the GPU (aoti backend, CUDA graphs)
+#   tensorrt.txt         what a machine with TensorRT must run (run here when tensorrt is importable)
 # Packages missing there (diffusers) travel as wheels in .whl/ (see the device notes in the README).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-checks}
@@ -18,24 +22,45 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 { nvidia-smi -L
   python3 -c "import torch, diffusers, transformers, onnxruntime as ort; print('torch', torch.__version__, \
 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, 'onnxruntime', ort.__version__, \
-ort.get_available_providers())"; } 2>&1 | tee "$OUT/env.txt"
+ort.get_available_providers())"
+  python3 -c "import triton; print('triton', triton.__version__)"; } 2>&1 | tee "$OUT/env.txt"
+export_cli() { python3 -c "import sys; from exporter.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
+run_cli() { python3 -c "import sys; from runtime.cli import main; sys.exit(main(sys.argv[1:]))" "$@"; }
+PROMPT="a red square moving left on a black background"
+ENG=/tmp/gpu-engines; mkdir -p "$ENG"
 
-echo "== 1. tools/gpu_check.py"
-timeout 300 python3 -m tools.gpu_check --out "$OUT" 2>&1 | tee "$OUT/gpu_check.log"
+echo "== 1. the trained Latte preset's Foresight decisions at 20 steps (replayed at Latte-1 size)"
+timeout 120 export_cli --model latte --preset tiny --out "$ENG/latte-tiny" --overwrite 2>&1 | tail -2
+timeout 60 run_cli --engines "$ENG/latte-tiny" --backend torch --device cuda --steps 20 --prompt "$PROMPT" \
+    --out "$OUT/latte-tiny-20.gif" --stats "$OUT/latte-tiny-20.json" --quiet 2>&1 | tail -3
 
-echo "== 2. GPU tests"
-timeout 200 python3 -m pytest -q -rs -p no:cacheprovider tests/runtime/test_backends.py tests/runtime/test_cuda.py \
-    2>&1 | tee "$OUT/pytest.txt"
+echo "== 2. tools/gpu_check.py (Latte-1 size, bf16)"
+REPLAY=(); [ -f "$OUT/latte-tiny-20.json" ] && REPLAY=(--replay "$OUT/latte-tiny-20.json")
+timeout 420 python3 -m tools.gpu_check --out "$OUT" --steps 20 --backends torch,aoti "${REPLAY[@]}" 2>&1 \
+    | grep -v "Warning\|warn(" | tee "$OUT/gpu_check.log"
 
-echo "== 3. foresight-run on the GPU"
-ENG=/tmp/gpu-engines/latte-tiny; mkdir -p /tmp/gpu-engines
-timeout 90 python3 -c "import sys; from exporter.cli import main; sys.exit(main(sys.argv[1:]))" \
-    --model latte --preset tiny --out "$ENG" --overwrite 2>&1 | tail -3
-timeout 60 python3 -c "import sys; from runtime.cli import main; sys.exit(main(sys.argv[1:]))" \
-    --engines "$ENG" --backend torch --device cuda --dtype bfloat16 --prompt "a red square moving left on a black background" \
+echo "== 3. GPU tests"
+timeout 240 python3 -m pytest -q -rs -p no:cacheprovider tests/runtime/test_backends.py tests/runtime/test_cuda.py \
+    tests/runtime/test_aoti.py -k "cuda and not refused_on_cpu" 2>&1 | tee "$OUT/pytest.txt"
+
+echo "== 4. foresight-run with AOTInductor packages for CUDA"
+timeout 150 export_cli --model latte --preset tiny --out "$ENG/latte-tiny-aoti" --backend aoti --device cuda \
+    --overwrite 2>&1 | grep -v "it/s" | tail -12
+timeout 60 run_cli --engines "$ENG/latte-tiny-aoti" --backend aoti --device cuda --cuda-graphs --prompt "$PROMPT" \
     --out "$OUT/demo.gif" --heatmap "$OUT/reuse.png" --stats "$OUT/stats.json" 2>&1 | tail -5
 ls -la "$OUT"
 
-echo "== 4. diffusers caches vs the runtime at Latte-1 size (random weights, torch backend)"
-timeout 240 python3 -m tools.compare --size latte --device cuda --backends torch --steps 20 --prompts 2 --repeats 3 \
-    --json "$OUT/compare.json" --plot "$OUT/compare.png" 2>&1 | tail -30
+echo "== 5. TensorRT"
+{ echo "A machine with tensorrt (pip install 'foresight-dit[tensorrt]') and a GPU must run:"
+  echo "  foresight-export --model latte --preset tiny --out E --backend tensorrt --validate          (fp32 engines vs ORT)"
+  echo "  foresight-export --model latte --preset tiny --out E16 --dtype float16 --backend tensorrt --validate"
+  echo "  python -m pytest -q tests/exporter/test_tensorrt_build.py tests/runtime/test_backends.py -k tensorrt"
+  echo "  foresight-run --engines E16 --backend tensorrt --device cuda [--cuda-graphs] --prompt P --out o.mp4 --stats s.json"
+  echo "  python -m tools.benchmark --engines E16 --backends tensorrt,torch --device cuda --policies none,foresight"
+  echo "and compare: decisions equal to the torch backend's, latents within 1e-3 (fp32) / 1e-2 (fp16)."
+  if python3 -c "import tensorrt" 2>/dev/null; then
+      timeout 120 export_cli --model latte --preset tiny --out "$ENG/latte-trt" --dtype float16 --backend tensorrt \
+          --validate --overwrite 2>&1 | tail -15
+  else
+      echo "(tensorrt is not importable here: not run)"
+  fi; } 2>&1 | tee "$OUT/tensorrt.txt"

@@ -178,3 +178,24 @@ def test_cli_runs_the_aoti_backend(aoti_engines_dir, tmp_path, capsys):
     assert code == 0, err
     stats = json.loads((tmp_path / "s.json").read_text())
     assert stats["backend"] == "aoti" and (tmp_path / "o.mp4").stat().st_size > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU (runs on a GPU machine: tools/gpu_checks.sh)")
+def test_cuda_packages_match_torch_on_cuda_with_and_without_graphs(tmp_path):
+    from exporter.export import ExportOptions, export
+
+    out = export(ExportOptions(model="cogvideox", preset="tiny", out=tmp_path / "e", backend="aoti", device="cuda"),
+                 progress=False)
+    assert load_manifest(out).aoti["isa"].startswith("sm_")
+    with pytest.raises(BackendError, match="built for cuda, not cpu"):
+        Runtime.load(out, backend="aoti", device="cpu")
+    rts = {"torch": Runtime.load(out, backend="torch", device="cuda"),
+           "aoti": Runtime.load(out, backend="aoti", device="cuda"),
+           "aoti+graphs": Runtime.load(out, backend="aoti", device="cuda", cuda_graphs=True)}
+    runs = {k: rt.generate(PROMPT, num_inference_steps=12, seed=2, policy="foresight", warmup=3, threshold=1.0,
+                           decode=False) for k, rt in rts.items()}
+    steps = {k: [s["computed"] for s in r.trace["steps"]] for k, r in runs.items()}
+    assert steps["aoti"] == steps["torch"] == steps["aoti+graphs"]
+    t = runs["torch"].latents
+    assert float((runs["aoti"].latents - t).abs().max() / t.abs().max()) < 1e-3  # TF32 convolutions on CUDA
+    assert torch.equal(runs["aoti+graphs"].latents, runs["aoti"].latents)  # a replay runs the same kernels

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exporter.export import export_part, make_inputs, validate_part, validation_dims
+from exporter.export import export_part, validate_part
+from exporter.inputs import make_inputs, validation_dims
 from exporter.families import cogvideox
 
 

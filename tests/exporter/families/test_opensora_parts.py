@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from exporter.export import export_part, make_inputs, validate_part, validation_dims
+from exporter.export import export_part, validate_part
+from exporter.inputs import make_inputs, validation_dims
 from exporter.families import opensora
 from dit.stdit3 import STDiT3, STDiT3Config
 
