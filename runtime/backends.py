@@ -118,8 +118,9 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from exc
         self._np_types = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64"}
         if self.io_dtype not in self._np_types:
-            raise BackendError(f"the onnxruntime backend cannot bind {manifest.dtype} buffers: use --backend torch "
-                               f"or tensorrt, or export in float32/float16")
+            raise BackendError(f"the onnxruntime backend cannot run {manifest.dtype} engines (ONNX Runtime has no "
+                               f"bf16 CPU kernels): use --backend torch, aoti or tensorrt, or export in "
+                               f"float32/float16")
         available = ort.get_available_providers()
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in available:
@@ -194,13 +195,15 @@ class TorchBackend(Backend):
 
     name = "torch"
 
-    def __init__(self, manifest: Manifest, device: torch.device, modules: dict, dtype: torch.dtype | str = torch.float32,
+    def __init__(self, manifest: Manifest, device: torch.device, modules: dict, dtype: torch.dtype | str | None = None,
                  cuda_graphs: bool = False):
-        """``cuda_graphs``: capture each part once per set of bound buffers and replay it (CUDA only)."""
+        """``dtype``: compute and buffer dtype (default: the manifest's, the precision the engines were
+        exported in). ``cuda_graphs``: capture each part once per set of bound buffers and replay it (CUDA only)."""
         super().__init__(manifest, device)
         if cuda_graphs and self.device.type != "cuda":
             raise BackendError("CUDA graphs need --device cuda")
         self.cuda_graphs = cuda_graphs
+        dtype = manifest.dtype if dtype is None else dtype
         self.io_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
         missing = sorted({p.name for p in manifest.all_parts} - modules.keys())
         if missing:
