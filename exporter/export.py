@@ -183,6 +183,8 @@ def checkpoint_defaults(family, source: str) -> tuple[dict, dict]:
             pipeline["default_guidance"] = float(values["guidance_scale"])
         if "num_inference_steps" in values:
             pipeline["default_steps"] = int(values["num_inference_steps"])
+        if "max_sequence_length" in values:  # the text length the checkpoint's pipeline pads prompts to
+            pipeline["max_text_length"] = int(values["max_sequence_length"])
         for key, name in (("num_frames", "default_frames"), ("height", "default_height"), ("width", "default_width")):
             if key in values:
                 pipeline[name] = int(values[key])

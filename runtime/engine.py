@@ -273,30 +273,53 @@ class Runtime:
             return pool.stem_in[source.name]
         return pool.shape_in[source.name] if source.kind == "pipeline" else pool.stem_out[source.name]
 
+    def _passes(self, pool: BufferPool) -> list:
+        """The transformer passes of one step: one over the whole batch, or, for pipelines that run
+        classifier-free guidance as two batch-1 passes (WanPipeline: conditional, then unconditional),
+        the conditional half then the unconditional half of every batch-leading buffer."""
+        if not getattr(self.parts, "separate_cfg", False) or pool.dims["B"] != 2:
+            return [None]
+        return [slice(1, 2), slice(0, 1)]  # the batch is [unconditional, conditional]
+
+    @staticmethod
+    def _cut(tensors: dict, specs, half) -> dict:
+        """The views of one pass: the ``half`` rows of every tensor whose spec leads with the batch."""
+        if half is None:
+            return tensors
+        batch = {t.name for t in specs if t.shape and t.shape[0] == "B"}
+        return {name: (t[half] if name in batch else t) for name, t in tensors.items()}
+
     def _run_step(self, plan, pool: BufferPool, controller, step: int) -> torch.Tensor:
-        """Execute one planned step; returns the head's output (a buffer, valid until the next step)."""
+        """Execute one planned step; returns the head's output (a buffer, valid until the next step).
+
+        With two CFG passes both run the same plan, each on its half of every buffer, so a reused
+        layer's cache holds both passes' outputs and a probe's mse is taken over both halves
+        together: the mean of the two passes' mse (one decision per step for the whole batch)."""
         flow, manifest, backend = self.manifest.flow, self.manifest, self.backend
         num_probes = len(self.probes)
         stats = pool.stats
-        backend.run("stem", pool.stem_in, pool.stem_out)
-        if plan.source is None:
-            state = {s: pool.stem_out[o] for s, o in flow.state_init.items()}
-        else:
-            cached = pool.cached(plan.source[0])
-            state = {s: cached[o] for s, o in flow.layer_state_out.items()}
-        for layer in plan.computed:
-            spec = manifest.layers[layer]
-            inputs = {name: self._resolve(flow.layer_inputs[name], pool, state) for name in spec.input_names}
-            out = pool.scratch(layer)
-            backend.run(spec.name, inputs, out)
+        stem, head = manifest.stem, manifest.head
+        for half in self._passes(pool):
+            backend.run("stem", self._cut(pool.stem_in, stem.inputs, half), self._cut(pool.stem_out, stem.outputs, half))
+            if plan.source is None:
+                state = {s: pool.stem_out[o] for s, o in flow.state_init.items()}
+            else:
+                cached = pool.cached(plan.source[0])
+                state = {s: cached[o] for s, o in flow.layer_state_out.items()}
+            for layer in plan.computed:
+                spec = manifest.layers[layer]
+                inputs = {name: self._resolve(flow.layer_inputs[name], pool, state) for name in spec.input_names}
+                out = pool.scratch(layer)
+                backend.run(spec.name, self._cut(inputs, spec.inputs, half), self._cut(out, spec.outputs, half))
+                state = {s: out[o] for s, o in flow.layer_state_out.items()}
+            head_inputs = {name: self._resolve(flow.head_inputs[name], pool, state) for name in head.input_names}
+            backend.run("head", self._cut(head_inputs, head.inputs, half), self._cut(pool.head_out, head.outputs, half))
+        for layer in plan.computed:  # every pass has written its scratch: measure, then it becomes the cache
             if plan.measure:
-                old = pool.cached(layer)
+                out, old = pool.scratch(layer), pool.cached(layer)
                 for k, probe in enumerate(self.probes):
                     stats[layer * num_probes + k] = probe_mse(out[probe], old[probe])
             pool.commit(layer)
-            state = {s: out[o] for s, o in flow.layer_state_out.items()}
-        head_inputs = {name: self._resolve(flow.head_inputs[name], pool, state) for name in manifest.head.input_names}
-        backend.run("head", head_inputs, pool.head_out)
         result = pool.head_out[flow.head_output]
         stats[-1] = torch.isfinite(result).all()
         host = stats.tolist()  # the step's single device-to-host transfer

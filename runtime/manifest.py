@@ -38,7 +38,7 @@ MANIFEST_NAME = "manifest.json"
 SCHEMA_FILE = Path(__file__).resolve().parent / "schema" / "manifest.schema.json"
 MAX_MANIFEST_BYTES = 16 << 20
 # The model-config key that holds the number of layers, per family (the layer list must match it).
-LAYER_COUNT_KEYS = {"latte": "num_layers", "cogvideox": "num_layers", "opensora": "depth"}
+LAYER_COUNT_KEYS = {"latte": "num_layers", "cogvideox": "num_layers", "opensora": "depth", "wan": "num_layers"}
 FREE_DIMS = ("B", "F", "h", "w", "T")  # batch, latent frames, token grid rows/cols, text tokens
 
 

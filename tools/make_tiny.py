@@ -3,6 +3,7 @@
     python -m tools.make_tiny --model cogvideox --variant 2b --out exporter/presets/cogvideox-tiny
     python -m tools.make_tiny --model cogvideox --variant 5b --out exporter/presets/cogvideox-tiny-5b
     python -m tools.make_tiny --model opensora --out /tmp/opensora-tiny
+    python -m tools.make_tiny --model wan --out exporter/presets/wan-tiny-random
 
 The same architecture classes and configuration keys as the released checkpoints (CogVideoX-2B:
 sin-cos positions and CogVideoXDDIM; CogVideoX-5B: rotary positions and CogVideoXDPM; Open-Sora
@@ -93,6 +94,49 @@ def opensora_components(seed: int = 0, layers: int = 4) -> dict:
             "scheduler": RFlowSampler()}
 
 
+# Wan 2.1 at toy size: UMT5 text encoder, AutoencoderKLWan (8x spatial, 4x temporal), FlowMatchEuler
+# with flow_shift, WanPipeline's two CFG passes; prompts padded to WAN_TOKENS (max_sequence_length).
+WAN_TOKENS = 16
+WAN_SHAPE = {"num_frames": 9, "height": 64, "width": 64}  # the tiny default: 3 x 8 x 8 latents
+
+
+def wan_components(seed: int = 0, layers: int = 4) -> dict:
+    """tokenizer, text_encoder, vae, transformer, scheduler of a tiny Wan 2.1 text-to-video model."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    tokenizer = word_tokenizer(synthetic.vocabulary())
+    tokenizer.model_max_length = WAN_TOKENS
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False)).eval()
+    torch.manual_seed(seed + 1)
+    z = 4
+    vae = AutoencoderKLWan(base_dim=8, z_dim=z, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.05, 0.3][:z],
+                           latents_std=[1.5, 0.8, 1.2, 2.0][:z]).eval()
+    torch.manual_seed(seed + 2)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=z, out_channels=z,
+        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=48, num_layers=layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "transformer": transformer,
+            "scheduler": scheduler}
+
+
+def make_wan(out: Path, seed: int = 0) -> Path:
+    import json
+
+    from diffusers import WanPipeline
+
+    defaults = {**WAN_SHAPE, "max_sequence_length": WAN_TOKENS, "guidance_scale": 5.0, "num_inference_steps": 50}
+    return save_pipeline(WanPipeline(**wan_components(seed)), out, extra=lambda folder: (
+        Path(folder) / "defaults.json").write_text(json.dumps(defaults, indent=1) + "\n"))
+
+
 def make_cogvideox(out: Path, variant: str = "2b", seed: int = 0) -> Path:
     from diffusers import CogVideoXPipeline
 
@@ -107,13 +151,15 @@ def make_opensora(out: Path, seed: int = 0) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["cogvideox", "opensora"], required=True)
+    ap.add_argument("--model", choices=["cogvideox", "opensora", "wan"], required=True)
     ap.add_argument("--variant", choices=["2b", "5b"], default="2b", help="cogvideox: 2b (sin-cos) or 5b (rotary)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.model == "opensora":
         out = make_opensora(args.out, args.seed)
+    elif args.model == "wan":
+        out = make_wan(args.out, args.seed)
     else:
         out = make_cogvideox(args.out, args.variant, args.seed)
     print(f"wrote {out}")

@@ -70,6 +70,23 @@ def make_pipeline(manifest: Manifest, device: torch.device, components: dict | N
     return PipelineParts.registry[kind](manifest, device, components)
 
 
+TEXT_ENCODERS = ("T5EncoderModel", "UMT5EncoderModel")  # the encoder-only T5 classes the models ship
+
+
+def text_encoder_class(folder):
+    """The transformers class a text encoder folder's config names (T5 or UMT5 encoder), else T5's."""
+    import transformers
+
+    try:
+        name = (json.loads((folder / "config.json").read_text()).get("architectures") or ["T5EncoderModel"])[0]
+    except (OSError, ValueError):
+        name = "T5EncoderModel"
+    if name not in TEXT_ENCODERS:
+        raise ManifestError(f"{folder}: text encoder class {name} is not one of {', '.join(TEXT_ENCODERS)}; "
+                            f"re-export from a supported checkpoint")
+    return getattr(transformers, name)
+
+
 class PipelineParts:
     """Text encoder, tokenizer, VAE and scheduler loaded from the engines folder (or given
     already built, ``components``: tokenizer, text_encoder, vae, scheduler)."""
@@ -108,8 +125,9 @@ class PipelineParts:
         with component_errors(manifest):
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(manifest.component("tokenizer"),
                                                                         local_files_only=True)
-            self.text_encoder = transformers.T5EncoderModel.from_pretrained(
-                manifest.component("text_encoder"), local_files_only=True).eval().to(device)
+            text_dir = manifest.component("text_encoder")
+            self.text_encoder = text_encoder_class(text_dir).from_pretrained(
+                text_dir, local_files_only=True).eval().to(device)
             vae_dir = manifest.component("vae")
             vae_cls = getattr(diffusers, json.loads((vae_dir / "config.json").read_text())["_class_name"])
             self.vae = vae_cls.from_pretrained(vae_dir, local_files_only=True).eval().to(device)

@@ -123,7 +123,7 @@ BAD_ARGS = {
                                  r"--threshold do\(es\) not apply to --policy none"),
     "static": lambda sh: (("--policy", "static", "--reuse", 2, "--period", 2), r"reuse"),
     "steps": lambda sh: (("--steps", 0), r"steps must be a whole number in 1\.\.\d+ .*got 0\).*--steps"),
-    "cuda-graphs-ort": lambda sh: (("--cuda-graphs",), r"--cuda-graphs applies to --backend torch or tensorrt"),
+    "cuda-graphs-ort": lambda sh: (("--cuda-graphs",), r"--cuda-graphs applies to --backend torch, aoti or tensorrt"),
     "cuda-graphs-cpu": lambda sh: (("--cuda-graphs", "--backend", "torch", "--device", "cpu"),
                                    r"CUDA graphs need --device cuda"),
 }

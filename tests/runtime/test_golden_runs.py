@@ -42,7 +42,7 @@ def check_model(runtime, model: str) -> None:
 
 @pytest.mark.parametrize("policy", list(POLICIES))
 def test_golden_files_exist_for_every_model_and_policy(policy):
-    for model in ("latte", "cogvideox", "cogvideox-tiny-5b", "opensora"):
+    for model in ("latte", "cogvideox", "cogvideox-tiny-5b", "opensora", "wan"):
         assert golden(model, policy)["policy"] == policy
 
 

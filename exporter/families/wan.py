@@ -1,0 +1,129 @@
+"""Wan 2.1 (diffusers ``WanTransformer3DModel`` in a ``WanPipeline`` checkpoint) cut into exportable parts.
+
+One tensor flows between layers, the video tokens on their grid ``(B, F, h, w, D)``: the state
+and the Foresight probe. The projected text and the timestep projection are stem outputs every
+layer reads; the rotary tables are computed inside each layer from its grid (``dit/wan.py``).
+
+Not supported yet, refused by name: Wan 2.2's two experts (``transformer_2`` / ``boundary_ratio``),
+per-token timesteps (``expand_timesteps``, TI2V-5B) and image conditioning (I2V).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dit import wan as model_code
+from dit.errors import ModelError
+
+from .base import Family, IOSpec, PartSpec, load_components
+
+PRESETS = {"tiny-random": Path(__file__).resolve().parent.parent / "presets" / "wan-tiny-random"}
+MAX_TEXT_TOKENS = 512  # WanPipeline's default max_sequence_length (UMT5)
+
+
+def check_supported(model_path: str, transformer) -> None:
+    index = Path(model_path) / "model_index.json"
+    config = json.loads(index.read_text()) if index.is_file() else {}
+    if (config.get("transformer_2") or [None])[0] is not None or config.get("boundary_ratio") is not None:
+        raise ModelError(f"{model_path}: Wan 2.2's two experts (transformer_2, boundary_ratio) are not supported yet: "
+                         f"only single-transformer Wan 2.1 text-to-video checkpoints")
+    if config.get("expand_timesteps"):
+        raise ModelError(f"{model_path}: per-token timesteps (expand_timesteps, Wan 2.2 TI2V) are not supported yet")
+    cfg = transformer.config
+    if cfg.image_dim is not None or cfg.added_kv_proj_dim is not None:
+        raise ModelError(f"{model_path}: image-conditioned Wan (I2V) is not supported: text-to-video checkpoints only")
+
+
+def parts(model) -> list[PartSpec]:
+    cfg = model.config
+    modules = model_code.part_modules(model)
+    d = cfg.num_attention_heads * cfg.attention_head_dim
+    hidden, text = ["B", "F", "h", "w", d], ["B", "T", d]
+    stem = PartSpec("stem", modules["stem"],
+                    inputs=[IOSpec("latents", ["B", cfg.in_channels, "F", "H", "W"]),
+                            IOSpec("timestep", ["B"], low=0.0, high=1000.0, fixed_dtype=True),
+                            IOSpec("encoder_hidden_states", ["B", "T", cfg.text_dim])],
+                    outputs=[IOSpec("hidden", hidden), IOSpec("text", text), IOSpec("temb", ["B", d]),
+                             IOSpec("timestep_proj", ["B", 6, d])])
+    layers = [PartSpec(f"layer_{i:03d}", modules[f"layer_{i:03d}"],
+                       inputs=[IOSpec("hidden", hidden), IOSpec("text", text), IOSpec("timestep_proj", ["B", 6, d])],
+                       outputs=[IOSpec("hidden_out", hidden)])
+              for i in range(cfg.num_layers)]
+    head = PartSpec("head", modules["head"], inputs=[IOSpec("hidden", hidden), IOSpec("temb", ["B", d])],
+                    outputs=[IOSpec("noise_pred", ["B", cfg.out_channels, "F", "H", "W"])])
+    return [stem, *layers, head]
+
+
+class WanFamily(Family):
+    """Wan 2.1 text-to-video in the registry."""
+
+    name = "wan"
+    pipeline_class = "WanPipeline"
+    transformer_class = "WanTransformer3DModel"
+    hub_example = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+    presets = PRESETS
+
+    def load(self, model_path: str):
+        from diffusers import WanTransformer3DModel
+
+        loaded = load_components(self, model_path, WanTransformer3DModel)
+        check_supported(model_path, loaded.transformer)
+        return loaded
+
+    def parts(self, model) -> list[PartSpec]:
+        return parts(model)
+
+    def vae_config(self, loaded) -> dict:
+        return dict(loaded.components["vae"].config)
+
+    def dims(self, model, vae_scale_factor: int, max_scale: int = 2, pipeline: dict | None = None) -> dict:
+        """The pipeline's default video is the opt shape, up to ``max_scale`` times its size; CFG
+        runs as two batch-1 passes (B opt 1). Every prompt is padded to the maximum text length."""
+        p = pipeline or {}
+        _, ph, pw = model.config.patch_size
+        ratio = p.get("vae_scale_factor_temporal", 4)
+        frames = (p.get("default_frames", 81) - 1) // ratio + 1
+        h = p.get("default_height", 480) // vae_scale_factor // ph
+        w = p.get("default_width", 832) // vae_scale_factor // pw
+        t = p.get("max_text_length", MAX_TEXT_TOKENS)
+        return {"B": {"min": 1, "opt": 1, "max": 2}, "F": {"min": 1, "opt": frames, "max": max(frames, 21)},
+                "h": {"min": 2, "opt": h, "max": h * max_scale}, "w": {"min": 2, "opt": w, "max": w * max_scale},
+                "T": {"min": 1, "opt": t, "max": t},
+                "H": {"of": "h", "times": ph}, "W": {"of": "w", "times": pw}}
+
+    def flow(self, model) -> dict:
+        return {
+            "state_init": {"hidden": "hidden"},
+            "layer_inputs": {"hidden": "state:hidden", "text": "stem:text", "timestep_proj": "stem:timestep_proj"},
+            "layer_state_out": {"hidden": "hidden_out"},
+            "probes": ["hidden_out"],
+            "head_inputs": {"hidden": "state:hidden", "temb": "stem:temb"},
+            "head_output": "noise_pred",
+        }
+
+    def pipeline(self, model, vae_config: dict) -> dict:
+        cfg = model.config
+        return {
+            "type": "wan",
+            "latent_channels": cfg.in_channels,
+            "patch_size": cfg.patch_size[1],
+            "patch_size_t": cfg.patch_size[0],
+            "vae_scale_factor": vae_config.get("scale_factor_spatial") or 8,
+            "vae_scale_factor_temporal": vae_config.get("scale_factor_temporal") or 4,
+            "latents_mean": list(vae_config["latents_mean"]),
+            "latents_std": list(vae_config["latents_std"]),
+            "max_text_length": MAX_TEXT_TOKENS,
+            "cfg": "separate",  # WanPipeline: conditional, then unconditional pass, batch 1 each
+            "default_frames": 81,
+            "default_height": 480,
+            "default_width": 832,
+            "default_steps": 50,
+            "default_guidance": 5.0,
+            "default_negative_prompt": "",
+            "fps": 16,
+        }
+
+    def foresight_defaults(self) -> dict:
+        # The reference implementation's evaluation settings; to be re-picked per model by sweep.
+        return {"warmup": 8, "recalculate": 2, "threshold": 0.5}
