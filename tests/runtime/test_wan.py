@@ -150,3 +150,29 @@ def test_runtime_reproduces_the_wan_golden_traces(runtimes):
     from tests.runtime.test_golden_runs import check_model
 
     check_model(runtimes["torch"], "wan")
+
+
+def test_unipc_with_flow_shift_is_bit_identical_too(wan_engines, tmp_path):
+    """The scheduler the checkpoint names: UniPC with flow prediction and flow_shift (the released
+    Wan2.1 diffusers checkpoints' scheduler) in place of FlowMatchEuler, same engines."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    from runtime import Runtime
+    from runtime.manifest import file_table
+
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                                        num_train_timesteps=1000)
+    folder = tmp_path / "engines"
+    shutil.copytree(wan_engines, folder)
+    scheduler.save_pretrained(folder / "scheduler")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = file_table(folder)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+    pipe = WanPipeline.from_pretrained(PRESET, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(PROMPT, num_frames=9, height=64, width=64, num_inference_steps=STEPS, max_sequence_length=16,
+                   generator=torch.Generator().manual_seed(0), output_type="latent").frames
+    result = Runtime.load(folder, backend="torch", device="cpu").generate(
+        PROMPT, num_inference_steps=STEPS, seed=0, policy="none", decode=False)
+    assert torch.equal(result.latents, latents)
