@@ -49,10 +49,11 @@ def runtime_torch(engines_dir):
 
 @pytest.fixture(scope="session")
 def aoti_engines_dir(tmp_path_factory) -> Path:
-    """The tiny CogVideoX exported with AOTInductor packages for the CPU (about 90 s: ONNX
-    export, then 3 compiled programs for its 8 parts); tests must not modify it."""
-    from exporter.export import ExportOptions, export
+    """The tiny CogVideoX exported by ``foresight-export --backend aoti --device cpu`` (about 90 s:
+    ONNX export, then 3 compiled programs for its 8 parts); tests must not modify it."""
+    from exporter.cli import main as export_main
 
     out = tmp_path_factory.mktemp("engines") / "cogvideox-tiny-aoti"
-    export(ExportOptions(model="cogvideox", preset="tiny", out=out, backend="aoti", device="cpu"), progress=False)
+    assert export_main(["--model", "cogvideox", "--preset", "tiny", "--backend", "aoti", "--device", "cpu",
+                        "--out", str(out)]) == 0
     return out

@@ -74,9 +74,6 @@ class WanFamily(Family):
     def parts(self, model) -> list[PartSpec]:
         return parts(model)
 
-    def vae_config(self, loaded) -> dict:
-        return dict(loaded.components["vae"].config)
-
     def dims(self, model, vae_scale_factor: int, max_scale: int = 2, pipeline: dict | None = None) -> dict:
         """The pipeline's default video is the opt shape, up to ``max_scale`` times its size; CFG
         runs as two batch-1 passes (B opt 1). Every prompt is padded to the maximum text length."""

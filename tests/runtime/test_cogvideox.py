@@ -128,15 +128,14 @@ def test_frames_the_vae_cannot_make_are_refused_naming_valid_ones(runtimes, fram
         runtimes["onnxruntime"].generate(PROMPT, num_frames=frames, num_inference_steps=2, decode=False)
 
 
-def test_cli_exports_and_runs_cogvideox(tmp_path, capsys):
-    """foresight-export --model cogvideox --preset tiny, then foresight-run: a video, stats and heatmap."""
+def test_cli_exports_and_runs_cogvideox(aoti_engines_dir, tmp_path, capsys):
+    """foresight-export --model cogvideox --preset tiny (the session's CLI export), then foresight-run:
+    a video, stats and heatmap."""
     import imageio.v3 as iio
 
-    from exporter.cli import main as export_main
     from runtime.cli import main as run_main
 
-    engines = tmp_path / "engines"
-    assert export_main(["--model", "cogvideox", "--preset", "tiny", "--out", str(engines)]) == 0
+    engines = aoti_engines_dir
     out, stats, npy = tmp_path / "out.mp4", tmp_path / "stats.json", tmp_path / "frames.npy"
     code = run_main(["--engines", str(engines), "--prompt", PROMPT, "--out", str(out), "--steps", "8", "--frames", "8",
                      "--stats", str(stats), "--heatmap", str(tmp_path / "reuse.png"), "--save-frames", str(npy),

@@ -16,11 +16,12 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from exporter.export import ExportOptions, export
+    """``foresight-export --model opensora --preset tiny``, once for the module."""
+    from exporter.cli import main as export_main
     from exporter.families import get_family
 
     out = tmp_path_factory.mktemp("engines") / "opensora-tiny"
-    export(ExportOptions(model="opensora", preset="tiny", out=out), progress=False)
+    assert export_main(["--model", "opensora", "--preset", "tiny", "--out", str(out)]) == 0
     return get_family("opensora").presets["tiny"], out
 
 
@@ -120,14 +121,13 @@ def test_bad_inputs_are_refused(runtimes, kwargs, message):
         runtimes["onnxruntime"].generate(PROMPT, num_inference_steps=2, decode=False, **kwargs)
 
 
-def test_cli_exports_and_runs_opensora(tmp_path, capsys):
+def test_cli_exports_and_runs_opensora(exported, tmp_path, capsys):
+    """The module's export went through foresight-export; foresight-run on it writes the video and frames."""
     import imageio.v3 as iio
 
-    from exporter.cli import main as export_main
     from runtime.cli import main as run_main
 
-    engines = tmp_path / "engines"
-    assert export_main(["--model", "opensora", "--preset", "tiny", "--out", str(engines)]) == 0
+    _, engines = exported
     out, npy = tmp_path / "out.mp4", tmp_path / "frames.npy"
     code = run_main(["--engines", str(engines), "--prompt", PROMPT, "--out", str(out), "--steps", "6",
                      "--save-frames", str(npy), "--heatmap", str(tmp_path / "reuse.png"), "--quiet"])
