@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from runtime.aoti import identity
+from runtime.aoti import identity, load_program
 from runtime.errors import ForesightError
 from runtime.manifest import MANIFEST_NAME, Dims, sha256_file
 
@@ -129,8 +129,8 @@ def program_key(exported, part, dims_spec: dict, ident: dict, dtype: str) -> str
 def previous_programs(old: Path | None) -> dict:
     """``{key: path}`` of the packages an earlier export left in ``old`` (intact files only)."""
     try:
-        section = json.loads((old / MANIFEST_NAME).read_text()).get("aoti") or {}
-        files = json.loads((old / MANIFEST_NAME).read_text()).get("files", {})
+        manifest = json.loads((old / MANIFEST_NAME).read_text())
+        section, files = manifest.get("aoti") or {}, manifest.get("files", {})
     except (OSError, ValueError, TypeError, AttributeError):
         return {}
     found = {}
@@ -142,19 +142,11 @@ def previous_programs(old: Path | None) -> dict:
     return found
 
 
-def compare(got, want) -> dict:
-    errors = []
-    for g, r in zip(got, want):
-        r, g = r.double().cpu(), g.double().cpu()
-        errors.append(float((g - r).abs().max() / r.abs().max().clamp_min(1e-12)))
-    return errors
-
-
 def validate(runner, part, dims_spec: dict, device, generator) -> list[dict]:
     """The compiled part vs its eager module at the export's two validation shapes."""
     import torch
 
-    from .inputs import make_inputs, validation_dims
+    from .inputs import make_inputs, max_rel_error, validation_dims
 
     results = []
     for dims in validation_dims(dims_spec):
@@ -168,8 +160,8 @@ def validate(runner, part, dims_spec: dict, device, generator) -> list[dict]:
             if tuple(g.shape) != want_shape:
                 raise AotiError(f"{part.name}: the compiled part returned {spec.name} of shape {tuple(g.shape)}, "
                                 f"expected {want_shape}")
-        errors = compare(got, ref)
-        results.append({"dims": dict(dims), "max_rel_error": dict(zip((s.name for s in part.outputs), errors))})
+        results.append({"dims": dict(dims), "max_rel_error": {s.name: max_rel_error(g, r)
+                                                              for s, g, r in zip(part.outputs, got, ref)}})
     return results
 
 
@@ -230,7 +222,7 @@ def build(folder: Path, parts, dims_spec: dict, device: str, dtype: str, previou
         exported_constants = {**program.exported.state_dict, **program.exported.constants}
         for k, part in enumerate(list(program.members)):
             bar.set_postfix_str(part.name)
-            runner = torch._C._aoti.AOTIModelPackageLoader(str(file), "model", False, 1, dev.index or -1)
+            runner = load_program(file, dev)
             tensors = exported_constants if k == 0 else named_tensors(part.module)
             missing = [f for f in runner.get_constant_fqns() if f not in tensors]
             if missing:  # not built alike after all: give it a program of its own

@@ -30,7 +30,7 @@ from runtime.manifest import FORMAT, MANIFEST_NAME, SCHEMA_VERSION, file_table
 from runtime.outputs import clean_stale, staged_dir
 
 from .families import get_family
-from .inputs import dynamic_shapes, make_inputs, validation_dims
+from .inputs import cast_specs, dynamic_shapes, make_inputs, max_rel_error, validation_dims
 from .families.base import COMPONENTS, SAVED_COMPONENTS, model_config_dict, resolve_model_path
 
 FP32_TOLERANCE = 1e-4
@@ -134,7 +134,6 @@ def as_numpy(t):
 def validate_part(part, path: Path, dims_spec: dict, generator) -> list[dict]:
     """Run the ONNX file (:func:`onnx_runner`) and eager PyTorch on random inputs at two shapes; max
     relative error per output."""
-    import numpy as np
     import torch
 
     run = onnx_runner(path, part.inputs)
@@ -150,8 +149,7 @@ def validate_part(part, path: Path, dims_spec: dict, generator) -> list[dict]:
             want_shape = tuple(d if isinstance(d, int) else dims[d] for d in spec.shape)
             if g.shape != want_shape or tuple(r.shape) != want_shape:
                 raise ExportError(f"{path.name}: output {spec.name} has shape {g.shape}, expected {want_shape}")
-            r, g = r.double().numpy(), np.asarray(g).astype(np.float64)
-            errors[spec.name] = float(np.abs(g - r).max() / max(float(np.abs(r).max()), 1e-12))
+            errors[spec.name] = max_rel_error(g, r)
         results.append({"dims": {k: v for k, v in dims.items()}, "max_rel_error": errors})
     return results
 
@@ -363,9 +361,7 @@ def export(opts: ExportOptions, progress=True) -> Path:
         save_components(loaded.components, tmp, link=opts.link_components)  # before the fp32 cast below
         model = loaded.transformer.to(getattr(torch, opts.dtype)).eval()
         parts = family.parts(model)
-        for spec in (s for part in parts for s in (*part.inputs, *part.outputs)):
-            if not spec.fixed_dtype:
-                spec.dtype = opts.dtype
+        cast_specs(parts, opts.dtype)
         vae_config = family.vae_config(loaded)
         _, pipeline, _ = pipeline_facts(family, model, vae_config, loaded.source)
         dims_spec = family.dims(model, pipeline["vae_scale_factor"], opts.max_scale, pipeline=pipeline)

@@ -14,6 +14,22 @@ def validation_dims(dims_spec: dict) -> list[dict]:
     return [dims.at("opt"), dims.derive(second)]
 
 
+def max_rel_error(got, want) -> float:
+    """max |got - want| / max |want| in float64 (numpy arrays or tensors): how every part is validated."""
+    import numpy as np
+
+    got, want = (np.asarray(x.double().cpu() if hasattr(x, "double") else x, dtype=np.float64) for x in (got, want))
+    return float(np.abs(got - want).max() / max(float(np.abs(want).max()), 1e-12))
+
+
+def cast_specs(parts, dtype: str) -> None:
+    """Every input and output of ``parts`` in ``dtype``, but the ones the model keeps in their own
+    (``fixed_dtype``: timesteps)."""
+    for spec in (s for part in parts for s in (*part.inputs, *part.outputs)):
+        if not spec.fixed_dtype:
+            spec.dtype = dtype
+
+
 def make_inputs(specs, dims: dict, generator):
     import torch
 

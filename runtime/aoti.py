@@ -27,6 +27,14 @@ def identity(device: torch.device | str) -> dict:
     return {"torch": torch.__version__, "device": device.type, "isa": isa}
 
 
+def load_program(path, device: torch.device):
+    """A fresh instance of the compiled program in package ``path`` on ``device`` (its constants are
+    its own: load them with ``load_constants``)."""
+    device = torch.device(device)
+    index = device.index if device.index is not None else -1  # -1: the current device
+    return torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+
+
 def check_compat(section: dict, device: torch.device, root) -> None:
     """Refuse packages built for another torch, device kind or instruction set than this process has."""
     fix = f"re-export with `foresight-export --backend aoti --device {device.type} --out {root} --overwrite`"

@@ -54,6 +54,7 @@ class Backend:
         self.bytes_copied = 0
         self._graphs: dict[tuple, object] = {}  # CUDA graphs keyed by part and bound buffers (_graph_key)
         self._graph_pool = None  # one memory pool shared by every captured graph
+        self.output_names = {p.name: p.output_names for p in manifest.all_parts}  # result order of each part
         # Dtype of the I/O buffers: compiled engines take what their files were exported in.
         self.io_dtype = getattr(torch, manifest.dtype)
 
@@ -209,7 +210,6 @@ class TorchBackend(Backend):
         if missing:
             raise BackendError(f"the torch backend was handed no module for part(s) {missing}")
         self.modules = {name: m.eval().to(self.device, self.io_dtype) for name, m in modules.items()}
-        self.output_names = {p.name: p.output_names for p in manifest.all_parts}
         self.loaded = len(self.modules)
 
     def _run(self, part, inputs, outputs):
@@ -238,7 +238,7 @@ class AOTInductorBackend(Backend):
         super().__init__(manifest, device)
         import json
 
-        from .aoti import check_compat
+        from .aoti import check_compat, load_program
 
         section = manifest.aoti
         if not section:
@@ -250,14 +250,12 @@ class AOTInductorBackend(Backend):
         from safetensors.torch import load_file
 
         self.cuda_graphs = cuda_graphs
-        self.output_names = {p.name: p.output_names for p in manifest.all_parts}
         self.runners = {}
-        index = self.device.index if self.device.index is not None else -1
         for part in manifest.all_parts:
             entry = section["parts"][part.name]
             path = manifest.path(section["programs"][entry["program"]]["file"])
             try:
-                runner = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, index)
+                runner = load_program(path, self.device)
                 io = json.loads(runner.get_metadata().get("foresight.io", "null") or "null")
             except (RuntimeError, ValueError) as exc:
                 raise BackendError(f"could not load the AOTInductor package {path} ({exc}); re-export with "

@@ -277,7 +277,7 @@ class Runtime:
         """The transformer passes of one step: one over the whole batch, or, for pipelines that run
         classifier-free guidance as two batch-1 passes (WanPipeline: conditional, then unconditional),
         the conditional half then the unconditional half of every batch-leading buffer."""
-        if not getattr(self.parts, "separate_cfg", False) or pool.dims["B"] != 2:
+        if not self.parts.separate_cfg or pool.dims["B"] != 2:
             return [None]
         return [slice(1, 2), slice(0, 1)]  # the batch is [unconditional, conditional]
 

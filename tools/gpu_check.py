@@ -69,6 +69,7 @@ def in_memory_runtime(components: dict, device, dtype, cuda_graphs: bool = False
     there with unchanged keys), as ``foresight-export --backend aoti`` would."""
     from exporter.export import describe
     from exporter.families import get_family
+    from exporter.inputs import cast_specs
     from dit.latte import part_modules
     from runtime.backends import make_backend
     from runtime.engine import Runtime
@@ -79,9 +80,7 @@ def in_memory_runtime(components: dict, device, dtype, cuda_graphs: bool = False
     model = components["transformer"]
     parts = family.parts(model)
     name = str(dtype).removeprefix("torch.")
-    for spec in (s for p in parts for s in (*p.inputs, *p.outputs)):
-        if not spec.fixed_dtype:
-            spec.dtype = name
+    cast_specs(parts, name)
     entries = [{"name": p.name, "file": f"{p.name}.onnx", "inputs": [s.to_dict() for s in p.inputs],
                 "outputs": [s.to_dict() for s in p.outputs]} for p in parts]  # files never read
     vae_config = dict(components["vae"].config)

@@ -94,6 +94,7 @@ class PipelineParts:
     type: str  # the manifest's pipeline.type this class runs
     sampler_cls: type
     vae_tiling = False
+    separate_cfg = False  # True: CFG runs as two batch-1 passes per step (the runtime's _passes)
     registry: dict[str, type["PipelineParts"]] = {}
 
     def __init_subclass__(cls, **kwargs):
