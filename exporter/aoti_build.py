@@ -166,9 +166,14 @@ def validate(runner, part, dims_spec: dict, device, generator) -> list[dict]:
 
 
 def build(folder: Path, parts, dims_spec: dict, device: str, dtype: str, previous: Path | None = None,
-          generator=None, tolerance: float | None = None, progress: bool = True) -> dict:
+          generator=None, tolerance: float | None = None, progress: bool = True, prefix: str = "",
+          shared: dict | None = None) -> dict:
     """Compile, validate and write every part's package and weights under ``folder/aoti``; returns
-    the manifest's ``aoti`` section."""
+    the manifest's ``aoti`` section.
+
+    ``prefix`` names another expert's files (``aoti/<prefix><name>``); ``shared``: the ``programs``
+    this export already built (another expert's): a program with one of their keys is not written
+    again, its parts name that program, and the returned ``programs`` hold only new ones."""
     import torch
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -180,15 +185,17 @@ def build(folder: Path, parts, dims_spec: dict, device: str, dtype: str, previou
     generator = generator or torch.Generator().manual_seed(0)
     for part in parts:
         part.module.to(dev)
-    (folder / FOLDER).mkdir(exist_ok=True)
+    (folder / FOLDER / prefix).mkdir(parents=True, exist_ok=True)
     carried = previous_programs(previous)
+    known = {entry["key"]: name for name, entry in (shared or {}).items()}
+    tag = prefix.strip("/").replace("/", "_") + "_" if prefix else ""  # program names are unique in the folder
 
     programs: list[Program] = []
     for part in parts:  # group the parts; trace one per group
         key = structure_key(part.module)
         program = next((p for p in programs if p.structure == key), None)
         if program is None:
-            program = Program(part.name, key)
+            program = Program(tag + part.name, key)
             programs.append(program)
         program.members.append(part)
 
@@ -203,7 +210,10 @@ def build(folder: Path, parts, dims_spec: dict, device: str, dtype: str, previou
         program.key = program_key(program.exported, first, dims_spec, ident, dtype)
         file = folder / FOLDER / f"{program.name}.pt2"
         how = "reused"
-        if program.key in carried:
+        if program.key in known:  # another expert of this export built it: its parts name that program
+            program.name = known[program.key]
+            file = folder / shared[program.name]["file"]
+        elif program.key in carried:
             if carried[program.key].resolve() != file.resolve():
                 shutil.copy2(carried[program.key], file)
         else:
@@ -216,9 +226,10 @@ def build(folder: Path, parts, dims_spec: dict, device: str, dtype: str, previou
                 raise AotiError(f"AOTInductor could not compile {program.name}: {exc}") from exc
             how = "compiled"
         seconds = time.perf_counter() - t0
-        section["programs"][program.name] = {"file": f"{FOLDER}/{file.name}", "key": program.key,
-                                             "seconds": round(seconds, 2), "built": how}
-        bar.write(f"  {program.name:<10} {how} in {seconds:5.1f} s, {len(program.members)} part(s)")
+        if program.key not in known:
+            section["programs"][program.name] = {"file": file.relative_to(folder).as_posix(), "key": program.key,
+                                                 "seconds": round(seconds, 2), "built": how}
+        bar.write(f"  {prefix + program.name:<18} {how} in {seconds:5.1f} s, {len(program.members)} part(s)")
         exported_constants = {**program.exported.state_dict, **program.exported.constants}
         for k, part in enumerate(list(program.members)):
             bar.set_postfix_str(part.name)
@@ -227,7 +238,7 @@ def build(folder: Path, parts, dims_spec: dict, device: str, dtype: str, previou
             missing = [f for f in runner.get_constant_fqns() if f not in tensors]
             if missing:  # not built alike after all: give it a program of its own
                 program.members.remove(part)
-                queue.append(Program(part.name, program.structure + part.name, [part]))
+                queue.append(Program(tag + part.name, program.structure + part.name, [part]))
                 continue
             weights = {f: tensors[f].detach().to(dev).contiguous() for f in runner.get_constant_fqns()}
             runner.load_constants(weights, False, True, False, False)
@@ -236,7 +247,7 @@ def build(folder: Path, parts, dims_spec: dict, device: str, dtype: str, previou
             if not worst <= tolerance:
                 raise AotiError(f"{part.name}: the AOTInductor package differs from eager PyTorch by a relative "
                                 f"{worst:.2e} (limit {tolerance:.0e}); per output: {validation}")
-            weights_file = f"{FOLDER}/{part.name}.safetensors"
+            weights_file = f"{FOLDER}/{prefix}{part.name}.safetensors"
             save_file({f: t.cpu().clone() for f, t in weights.items()}, str(folder / weights_file))
             section["parts"][part.name] = {"program": program.name, "weights": weights_file, "validation": validation}
             bar.write(f"  {part.name:<10} max rel err {worst:.2e}")

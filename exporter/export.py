@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from runtime.errors import ForesightError
-from runtime.manifest import FORMAT, MANIFEST_NAME, SCHEMA_VERSION, file_table
+from runtime.manifest import FORMAT, MANIFEST_NAME, MIN_SCHEMA_VERSION, SCHEMA_VERSION, file_table
 from runtime.outputs import clean_stale, staged_dir
 
 from .families import get_family
@@ -179,6 +179,8 @@ def checkpoint_defaults(family, source: str) -> tuple[dict, dict]:
         pipeline = {}
         if "guidance_scale" in values:
             pipeline["default_guidance"] = float(values["guidance_scale"])
+        if "guidance_scale_2" in values:  # the second expert's (Wan 2.2)
+            pipeline["default_guidance_2"] = float(values["guidance_scale_2"])
         if "num_inference_steps" in values:
             pipeline["default_steps"] = int(values["num_inference_steps"])
         if "max_sequence_length" in values:  # the text length the checkpoint's pipeline pads prompts to
@@ -196,16 +198,16 @@ def pipeline_facts(family, model, vae_config: dict, source: str) -> tuple[dict, 
     checkpoint's defaults.json on top."""
     foresight, overrides = checkpoint_defaults(family, source)
     pipeline = family.pipeline(model, vae_config)
+    pipeline.update(family.checkpoint_facts(source))
     pipeline.update(overrides)
     return foresight, pipeline, overrides
 
 
-def save_components(components: dict, out: Path, link: bool = False) -> None:
-    """Every component into ``out/<name>`` (the transformer in the dtype it was loaded in)."""
+def save_components(components: dict, out: Path, link: bool = False, experts: dict | None = None) -> None:
+    """Every component into ``out/<name>`` (the transformers in the dtype they were loaded in)."""
     from .families.base import FolderComponent
 
-    for name in SAVED_COMPONENTS:
-        comp = components[name]
+    for name, comp in [(n, components[n]) for n in SAVED_COMPONENTS] + list((experts or {}).items()):
         target = out / name
         if isinstance(comp, FolderComponent):
             comp.save_pretrained(target, link=link)
@@ -213,10 +215,36 @@ def save_components(components: dict, out: Path, link: bool = False) -> None:
             comp.save_pretrained(target)
 
 
-def part_entry(part, file: Path, validation: list[dict]) -> dict:
+def export_parts(parts, dims_spec: dict, folder: Path, prefix: str, tolerance: float, generator, bar) -> list[dict]:
+    """Export and validate every part to ``folder/<prefix><part>.onnx``; their manifest entries."""
+    entries = []
+    for part in parts:
+        bar.set_postfix_str(prefix + part.name)
+        file = folder / f"{prefix}{part.name}.onnx"
+        file.parent.mkdir(parents=True, exist_ok=True)
+        export_part(part, dims_spec, file, generator)
+        validation = validate_part(part, file, dims_spec, generator)
+        worst = max(e for v in validation for e in v["max_rel_error"].values())
+        bar.write(f"  {prefix + part.name:<18} {file.stat().st_size / 1e6:7.2f} MB  max rel err {worst:.2e}")
+        if worst > tolerance:
+            raise ExportError(
+                f"{prefix + part.name}: ONNX Runtime differs from PyTorch by a relative {worst:.2e} "
+                f"(limit {tolerance:.0e}); see the per-output errors: {validation}"
+            )
+        entries.append(part_entry(part, prefix + file.name, validation))
+        bar.update(1)
+    return entries
+
+
+def expert_prefix(index: int) -> str:
+    """Where expert ``index``'s part files go (expert 0's are at the top of the folder)."""
+    return f"expert_{index}/" if index else ""
+
+
+def part_entry(part, file: str, validation: list[dict]) -> dict:
     return {
         "name": part.name,
-        "file": file.name,
+        "file": file,
         "inputs": [s.to_dict() for s in part.inputs],
         "outputs": [s.to_dict() for s in part.outputs],
         "validation": validation,
@@ -270,7 +298,7 @@ def describe(family, model, vae_config: dict, dims_spec: dict, entries: list[dic
                                   f"({spec['min']}..{spec['max']}, multiple of {spec.get('multiple_of', 1)})")
             spec["default"] = value
     return {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": MIN_SCHEMA_VERSION,  # version 3 only for folders with experts (docs §1)
         "format": FORMAT,
         "name": name,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -358,29 +386,24 @@ def export(opts: ExportOptions, progress=True) -> Path:
     t0 = time.perf_counter()
     loaded = family.load(model_path)
     with staged_dir(out) as tmp:
-        save_components(loaded.components, tmp, link=opts.link_components)  # before the fp32 cast below
-        model = loaded.transformer.to(getattr(torch, opts.dtype)).eval()
+        # before the dtype cast below
+        save_components(loaded.components, tmp, link=opts.link_components, experts=loaded.experts)
+        dtype = getattr(torch, opts.dtype)
+        model = loaded.transformer.to(dtype).eval()
+        experts = {name: m.to(dtype).eval() for name, m in loaded.experts.items()}
         parts = family.parts(model)
-        cast_specs(parts, opts.dtype)
+        expert_parts = [family.parts(m) for m in experts.values()]
+        for p in (parts, *expert_parts):
+            cast_specs(p, opts.dtype)
         vae_config = family.vae_config(loaded)
         _, pipeline, _ = pipeline_facts(family, model, vae_config, loaded.source)
         dims_spec = family.dims(model, pipeline["vae_scale_factor"], opts.max_scale, pipeline=pipeline)
         generator = torch.Generator().manual_seed(opts.seed)
-        entries = []
-        bar = tqdm(parts, desc="export", unit="part", disable=not progress)
-        for part in bar:
-            bar.set_postfix_str(part.name)
-            file = tmp / f"{part.name}.onnx"
-            export_part(part, dims_spec, file, generator)
-            validation = validate_part(part, file, dims_spec, generator)
-            worst = max(e for v in validation for e in v["max_rel_error"].values())
-            bar.write(f"  {part.name:<10} {file.stat().st_size / 1e6:7.2f} MB  max rel err {worst:.2e}")
-            if worst > tolerance:
-                raise ExportError(
-                    f"{part.name}: ONNX Runtime differs from PyTorch by a relative {worst:.2e} "
-                    f"(limit {tolerance:.0e}); see the per-output errors: {validation}"
-                )
-            entries.append(part_entry(part, file, validation))
+        bar = tqdm(total=len(parts) * (1 + len(experts)), desc="export", unit="part", disable=not progress)
+        entries = export_parts(parts, dims_spec, tmp, "", tolerance, generator, bar)
+        expert_entries = [export_parts(p, dims_spec, tmp, expert_prefix(k), tolerance, generator, bar)
+                          for k, p in enumerate(expert_parts, 1)]
+        bar.close()
         manifest = describe(family, model, vae_config, dims_spec, entries, name=out.name,
                             source=loaded.source, preset=opts.preset)
         manifest["pipeline"]["max_steps"] = max_steps(loaded.components["scheduler"])
@@ -391,6 +414,14 @@ def export(opts: ExportOptions, progress=True) -> Path:
             spec["dtype"] = opts.dtype
         manifest["validation"] = {"tolerance": tolerance, "reference": f"torch eager {opts.dtype}",
                                   "runner": RUNNERS[opts.dtype]}
+        if experts:
+            manifest["schema_version"] = SCHEMA_VERSION
+            manifest["experts"] = []
+            for name, rows in zip(experts, expert_entries):
+                manifest["components"][name] = name
+                manifest["experts"].append({"name": name, "component": name,
+                                            "files": {e["name"]: e["file"] for e in rows},
+                                            "validation": {e["name"]: e["validation"] for e in rows}})
         carry_engines(out, tmp, manifest)
         if opts.backend == "aoti":
             from . import aoti_build
@@ -400,6 +431,13 @@ def export(opts: ExportOptions, progress=True) -> Path:
                 manifest["aoti"] = aoti_build.build(tmp, parts, dims_spec, opts.device, opts.dtype,
                                                     previous=out if out.is_dir() else None, generator=generator,
                                                     progress=progress)
+                for k, (entry, p) in enumerate(zip(manifest.get("experts", []), expert_parts), 1):
+                    section = aoti_build.build(tmp, p, dims_spec, opts.device, opts.dtype,
+                                               previous=out if out.is_dir() else None, generator=generator,
+                                               progress=progress, prefix=expert_prefix(k),
+                                               shared=manifest["aoti"]["programs"])
+                    manifest["aoti"]["programs"].update(section["programs"])
+                    entry["aoti"] = section["parts"]
         manifest["files"] = file_table(tmp)
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -72,8 +72,11 @@ def build_engines(folder: Path, workspace: int | None = None, progress=True) -> 
 
     from runtime.manifest import load_manifest
 
-    trt = require_tensorrt()
     manifest = load_manifest(folder)
+    if manifest.experts:
+        raise BackendError(f"{folder} has {manifest.num_experts} experts (Wan 2.2 A14B): TensorRT engines for "
+                       f"two-expert folders are not built yet; use --backend aoti (compiled) or onnxruntime")
+    trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     device = device_identity()
     old = dict(manifest.tensorrt or {})

@@ -9,6 +9,13 @@ latest mse, the thresholds and the trace.
 
 Because layers form a chain, a decision is a *suffix* of layers to run: if layer k's
 output is taken from the cache, nothing computed before it this step would be used.
+
+A run may be split into *stages* (``reset(stages=...)``): a model that hands the denoising
+from one transformer to another mid-run (Wan 2.2's high-noise and low-noise experts) runs one
+stage per expert. Nothing crosses a stage boundary: each stage starts the policy afresh (its
+steps counted from the stage's start, no mse, no thresholds), and its first step must compute
+every layer without measuring, so one expert's outputs are never compared with, or reused for,
+the other's.
 """
 
 from __future__ import annotations
@@ -59,8 +66,16 @@ class Controller:
         self.config, self.num_layers, self.num_probes = config, num_layers, num_probes
         self.reset()
 
-    def reset(self) -> None:
-        """Start a new generation: step counter, mse, thresholds and trace all cleared."""
+    def reset(self, stages=(0,)) -> None:
+        """Start a new generation: step counter, mse, thresholds and trace all cleared.
+        ``stages``: the steps at which the run's stages begin, ascending from 0 (one per expert;
+        see the module docstring)."""
+        stages = tuple(stages)
+        if not stages or stages[0] != 0 or any(isinstance(s, bool) or not isinstance(s, int) for s in stages) \
+                or list(stages) != sorted(set(stages)):
+            raise ValueError(f"stages must be ascending whole steps starting at 0 (got {list(stages)})")
+        self.stages = stages
+        self._stage_start = 0
         self._last: StepPlan | None = None
         self._awaiting_observe = False
         self._mse: list[tuple[float, ...] | None] = [None] * self.num_layers  # latest measured, per layer
@@ -76,10 +91,19 @@ class Controller:
             raise RuntimeError(f"step {self._last.step} asked for measurement but observe() was not called; "
                                f"pass its mse before planning step {step}")
         L, P = self.num_layers, self.num_probes
-        start, measure = self.config.decide(step, ControllerState(L, P, tuple(self._mse), self._thr))
+        if step in self.stages and step:  # a new stage: nothing measured or calibrated before it applies
+            self._stage_start = step
+            self._mse, self._thr = [None] * L, None
+        local = step - self._stage_start
+        start, measure = self.config.decide(local, ControllerState(L, P, tuple(self._mse), self._thr,
+                                                                   self._stage_start))
         if not (type(start) is int and 0 <= start <= L and type(measure) is bool and not (measure and start == L)):
             raise ValueError(f"policy {self.config.name!r} decided start={start!r}, measure={measure!r} at step {step}: "
                              f"decide() must return (0..{L}, bool), measuring only when a layer runs")
+        if local == 0 and (start, measure) != (0, False):
+            raise ValueError(f"policy {self.config.name!r} decided start={start}, measure={measure} at step {step}, "
+                             f"the first of its stage: it must compute every layer and measure nothing, since no "
+                             f"output of this stage is cached yet")
         # Layer `start` takes layer start-1's output, which is that layer's last probe.
         plan = StepPlan(step, start, (start - 1, P - 1) if start else None, measure, L)
         self._steps.append({
@@ -117,7 +141,7 @@ class Controller:
         for layer, row in zip(plan.computed, rows):
             self._mse[layer] = tuple(float(v) for v in row)
             record[layer] = list(self._mse[layer])
-        gamma = self.config.calibration(plan.step)
+        gamma = self.config.calibration(plan.step - self._stage_start)
         if gamma is not None:
             if plan.start != 0:
                 raise ValueError(f"policy {self.config.name!r} calibrates at step {plan.step}, which skipped layers: "
@@ -129,14 +153,17 @@ class Controller:
     def trace(self) -> dict:
         """Every decision of this generation and the numbers behind it, JSON-serialisable
         in the format documented in ``foresight.trace``; a copy, so callers may edit it."""
-        return {
+        trace = {
             "schema": TRACE_SCHEMA,
             "policy": self.config.name,
             "config": self.config.to_dict(),
             "num_layers": self.num_layers,
             "num_probes": self.num_probes,
-            "steps": copy.deepcopy(self._steps),
         }
+        if len(self.stages) > 1:
+            trace["stages"] = list(self.stages)
+        trace["steps"] = copy.deepcopy(self._steps)
+        return trace
 
     def summary(self) -> dict:
         """Layer calls run and avoided: the counters tests use to prove reuse happened."""

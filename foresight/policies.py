@@ -26,6 +26,7 @@ class ControllerState:
     num_probes: int
     mse: tuple[tuple[float, ...] | None, ...]  # latest measured, per layer then probe; None = never measured
     thresholds: tuple[tuple[float, ...], ...] | None  # per layer then probe; None until calibrated
+    stage_start: int = 0  # the run's step at which the current stage began (decide gets steps counted from it)
 
 
 _REGISTRY: dict[str, type[Policy]] = {}  # name -> class, filled by Policy.__init_subclass__
@@ -46,18 +47,22 @@ class Policy(ABC):
             raise TypeError(f"policy name {name!r} is taken by {_REGISTRY[name].__name__}; pick another")
         _REGISTRY[name] = cls
 
-    def check_run(self, num_layers: int, steps: int) -> None:
-        """Refuse, with a ConfigError naming the fix, a run this policy cannot follow (default: none)."""
+    def check_run(self, num_layers: int, steps: int, stages: tuple[int, ...] | None = None) -> None:
+        """Refuse, with a ConfigError naming the fix, a run this policy cannot follow (default: none).
+        ``stages``: the steps at which the run's stages begin (see ``Controller.reset``); None when
+        not known yet (a CLI checking before it loads the scheduler)."""
 
     @abstractmethod
     def decide(self, step: int, state: ControllerState) -> tuple[int, bool]:
-        """``(start, measure)`` for ``step``: layers ``start..num_layers-1`` run (``start ==
-        num_layers`` reuses the whole stack), and ``measure`` asks for their mse. The controller
-        derives which cache feeds layer ``start``: a chain leaves no other choice."""
+        """``(start, measure)`` for ``step``, counted from the start of its stage (the whole run
+        when it has one stage): layers ``start..num_layers-1`` run (``start == num_layers`` reuses
+        the whole stack), and ``measure`` asks for their mse. The controller derives which cache
+        feeds layer ``start``: a chain leaves no other choice."""
 
     def calibration(self, step: int) -> float | None:
-        """γ when this step's measurement sets the thresholds to γ·mse, else None. Asked after
-        every measurement; a step that calibrates must have computed every layer."""
+        """γ when this step's measurement (``step`` counted from its stage's start) sets the
+        thresholds to γ·mse, else None. Asked after every measurement; a step that calibrates must
+        have computed every layer."""
         return None
 
     def to_dict(self) -> dict:
@@ -155,6 +160,7 @@ class ReplayPolicy(Policy):
 
     decisions: tuple = ()  # ((start, measure), ...): one per step
     num_layers: int = 0
+    stages: tuple = (0,)  # the steps the trace's stages began at (a new expert each)
     name: ClassVar[str] = "replay"
 
     def __post_init__(self) -> None:
@@ -170,24 +176,39 @@ class ReplayPolicy(Policy):
                 raise ConfigError(f"replay decision {decision!r} at step {step} is not one of a "
                                   f"{self.num_layers}-layer trace; regenerate the trace")
             clean.append((start, measure))
+        stages = tuple(self.stages)
+        if not stages or stages[0] != 0 or any(not isinstance(s, int) or isinstance(s, bool) for s in stages) \
+                or list(stages) != sorted(set(stages)) or stages[-1] >= len(clean):
+            raise ConfigError(f"replay stages {list(stages)} are not ascending steps of the trace starting at 0; "
+                              f"regenerate the trace")
+        for s in stages:
+            if clean[s] != (0, False):
+                raise ConfigError(f"replay decision {clean[s]} at step {s}, where a stage begins, reuses or measures: "
+                                  f"nothing of a new stage is cached yet; regenerate the trace")
         object.__setattr__(self, "decisions", tuple(clean))  # JSON lists -> tuples, so configs compare
+        object.__setattr__(self, "stages", stages)
 
     @classmethod
     def from_trace(cls, trace: dict) -> "ReplayPolicy":
         """The decisions of a trace (``load_trace``'s result)."""
         L = trace["num_layers"]
-        return cls(tuple((L - len(s["computed"]), s["measure"]) for s in trace["steps"]), L)
+        return cls(tuple((L - len(s["computed"]), s["measure"]) for s in trace["steps"]), L,
+                   tuple(trace.get("stages", (0,))))
 
-    def check_run(self, num_layers: int, steps: int) -> None:
+    def check_run(self, num_layers: int, steps: int, stages: tuple[int, ...] | None = None) -> None:
         if num_layers != self.num_layers:
             raise ConfigError(f"the replayed trace is of a {self.num_layers}-layer model and these engines have "
                               f"{num_layers} layers: record the trace on a model with as many layers")
         if steps != len(self.decisions):
             raise ConfigError(f"the replayed trace has {len(self.decisions)} steps: pass --steps {len(self.decisions)}")
+        if stages is not None and tuple(stages) != self.stages:
+            raise ConfigError(f"the replayed trace's stages (experts) begin at steps {list(self.stages)}, this run's at "
+                              f"{list(stages)}: record the trace with the same model, steps and scheduler")
 
     def decide(self, step: int, state: ControllerState) -> tuple[int, bool]:
+        step += state.stage_start  # the trace numbers the run's steps
         if state.num_layers != self.num_layers or step >= len(self.decisions):
-            self.check_run(state.num_layers, step + 1)
+            self.check_run(state.num_layers, step + 1, self.stages)
         return self.decisions[step]
 
 

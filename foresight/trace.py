@@ -12,6 +12,10 @@ so its format is written down here, once, and checked on load. Format
       ...
      ]}
 
+A run split into stages (a model that switches experts mid-run, ``Controller.reset``) also
+has, between ``num_probes`` and ``steps``, ``"stages": [0, s1, ...]``: the steps at which
+its stages begin. A trace without it has one stage.
+
 Per step (written in this key order):
 
 * ``step``: 0, 1, ... in order, counted from 0 for every generation;
@@ -36,6 +40,7 @@ import json
 
 TRACE_SCHEMA = "foresight-trace/2"
 HEADER_FIELDS = ("schema", "policy", "config", "num_layers", "num_probes", "steps")
+OPTIONAL_FIELDS = ("stages",)
 STEP_FIELDS = ("step", "computed", "source", "measure", "mse", "thresholds")
 
 
@@ -53,8 +58,13 @@ def load_trace(text: str) -> dict:
     if schema != TRACE_SCHEMA:
         raise ValueError(f"not a {TRACE_SCHEMA} trace (schema {schema!r}); "
                          "regenerate it with this version of foresight")
-    if sorted(trace) != sorted(HEADER_FIELDS):
-        raise ValueError(f"{TRACE_SCHEMA} trace has fields {sorted(trace)}, expected {sorted(HEADER_FIELDS)}; "
+    if sorted(set(trace) - set(OPTIONAL_FIELDS)) != sorted(HEADER_FIELDS):
+        raise ValueError(f"{TRACE_SCHEMA} trace has fields {sorted(trace)}, expected {sorted(HEADER_FIELDS)} "
+                         f"(and optionally {', '.join(OPTIONAL_FIELDS)}); regenerate it with this version of foresight")
+    stages = trace.get("stages", [0])
+    if not isinstance(stages, list) or not stages or stages[0] != 0 or stages != sorted(set(stages)) \
+            or any(isinstance(s, bool) or not isinstance(s, int) for s in stages):
+        raise ValueError(f"{TRACE_SCHEMA} trace: stages {stages!r} is not a list of ascending steps from 0; "
                          "regenerate it with this version of foresight")
     steps = trace["steps"]
     for t, step in enumerate(steps if isinstance(steps, list) else [None]):

@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--negative-prompt", default=None)
     ap.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
     ap.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; <= 1 disables CFG")
+    ap.add_argument("--guidance-2", type=float, default=None,
+                    help="two-expert models (Wan 2.2 A14B): the low-noise expert's guidance scale (default: the "
+                         "checkpoint's, else --guidance)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--frames", type=int, default=None)
     ap.add_argument("--height", type=int, default=None)
@@ -119,7 +122,7 @@ def run(args, outputs) -> dict:
         args.steps = len(policy.decisions)  # a replay runs as many steps as its trace
     request = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames,
                    height=args.height, width=args.width, num_inference_steps=args.steps,
-                   guidance_scale=args.guidance, seed=args.seed)
+                   guidance_scale=args.guidance, seed=args.seed, guidance_scale_2=args.guidance_2)
     check_request(manifest, **request)
     if args.trace is not None:
         policy.check_run(manifest.num_layers, request["num_inference_steps"])

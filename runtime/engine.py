@@ -13,6 +13,7 @@ worker (each owns its engines and buffers).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import threading
@@ -71,9 +72,13 @@ def check_seed(seed) -> int:
 class Runtime:
     POOL_CACHE_SIZE = 4  # buffer pools kept (one per shape: the text length varies with the prompt)
 
-    def __init__(self, manifest: Manifest, backend, parts: PipelineParts, device: torch.device):
+    def __init__(self, manifest: Manifest, backend, parts: PipelineParts, device: torch.device,
+                 expert_backends: tuple = ()):
         self.manifest = manifest
-        self.backend = backend
+        self.backend = backend  # expert 0's engines (the only ones of a one-transformer model)
+        self.backends = (backend, *expert_backends)  # one per expert (manifest.expert(k)), same backend kind
+        if len(self.backends) != manifest.num_experts:
+            raise ConfigError(f"{manifest.root} has {manifest.num_experts} experts; give one backend per expert")
         self.parts = parts
         self.device = device
         self._pools: OrderedDict[tuple, BufferPool] = OrderedDict()  # least recently used first
@@ -89,8 +94,13 @@ class Runtime:
         """Load the engines folder ``path`` (or an already loaded ``manifest``) on ``backend``."""
         dev = resolve_device(device)
         manifest = manifest or load_manifest(path, verify_hashes=verify_hashes)
-        engine = make_backend(backend, manifest, dev, **backend_kwargs)
-        return cls(manifest, engine, make_pipeline(manifest, dev), dev)
+        if manifest.experts and backend == "tensorrt":
+            raise ConfigError(f"{manifest.root} has {manifest.num_experts} experts (Wan 2.2 A14B): TensorRT engines for "
+                              f"two-expert folders are not built yet; run with --backend aoti, onnxruntime or torch")
+        if manifest.experts and "modules" in backend_kwargs:
+            raise ConfigError("modules= hands the torch backend one transformer; a two-expert folder loads its own")
+        engines = [make_backend(backend, manifest.expert(k), dev, **backend_kwargs) for k in range(manifest.num_experts)]
+        return cls(manifest, engines[0], make_pipeline(manifest, dev), dev, tuple(engines[1:]))
 
     # ---------------------------------------------------------------- shapes
     def pool(self, dims: dict[str, int]) -> BufferPool:
@@ -102,7 +112,8 @@ class Runtime:
         if len(self._pools) >= self.POOL_CACHE_SIZE:
             self._pools.popitem(last=False)
             self.pools_evicted += 1
-            self.backend.forget_buffers()  # captured CUDA graphs point into the evicted buffers
+            for backend in self.backends:
+                backend.forget_buffers()  # captured CUDA graphs point into the evicted buffers
         self._pools[key] = BufferPool(self.manifest, dims, self.device, dtype=self.backend.io_dtype)
         self.pools_created += 1
         return self._pools[key]
@@ -140,13 +151,14 @@ class Runtime:
     def generate(self, prompt: str, negative_prompt: str | None = None, num_frames: int | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, seed: int = 0, policy=None, progress: bool = False,
-                 decode: bool = True, **policy_overrides) -> GenerationResult:
+                 decode: bool = True, guidance_scale_2: float | None = None, **policy_overrides) -> GenerationResult:
         """One video. ``policy``: a name (``none``, ``static``, ``foresight``...), a policy object, or a
         ``Controller`` (reset here); ``policy_overrides`` set its options (``threshold=...``).
+        ``guidance_scale_2``: the second expert's guidance (two-expert models, Wan 2.2 A14B).
         Concurrent calls on one Runtime run one after another (see the module docstring)."""
         t_start = time.perf_counter()
         req = check_request(self.manifest, prompt, negative_prompt, num_frames, height, width, num_inference_steps,
-                            guidance_scale, seed)
+                            guidance_scale, seed, guidance_scale_2)
         controller = self.controller(policy, **policy_overrides)
         controller.config.check_run(self.num_layers, req["steps"])
         with self._lock:
@@ -165,7 +177,11 @@ class Runtime:
         cond = self.parts.encode_prompt(prompt, negative_prompt, cfg)
         text_seconds = time.perf_counter() - t0
         dtype = next(iter(cond.values())).dtype
-        sampler = self.parts.sampler(steps, frames, height, width, seed, guidance_scale if cfg else None, dtype)
+        sampler = self.parts.sampler(steps, frames, height, width, seed, guidance_scale if cfg else None, dtype,
+                                     req["guidance_scale_2"])
+        # One stage per expert: nothing measured or cached under one expert is used under the other.
+        config.check_run(self.num_layers, steps, sampler.stages)
+        controller.reset(stages=sampler.stages)
 
         f = p["vae_scale_factor"] * p["patch_size"]
         text_tokens = self.parts.text_tokens(cond)
@@ -177,8 +193,8 @@ class Runtime:
             pool.stem_in[name].copy_(value)
         for name, value in self.parts.shape_inputs(dims).items():
             pool.shape_in[name].copy_(value)
-        calls_before = sum(self.backend.calls[layer.name] for layer in self.manifest.layers)
-        copied_before = self.backend.bytes_copied
+        calls_before = self.layer_engine_calls()
+        copied_before = sum(b.bytes_copied for b in self.backends)
 
         t0 = time.perf_counter()
         bar = None
@@ -186,7 +202,9 @@ class Runtime:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(sampler.timesteps), desc="denoise", unit="step")
-        with self.backend.denoise_context():
+        with contextlib.ExitStack() as stack:
+            for backend in self.backends:
+                stack.enter_context(backend.denoise_context())
             latents = self._denoise(sampler, pool, controller, bar)
         if bar is not None:
             bar.close()
@@ -205,7 +223,7 @@ class Runtime:
         decode_seconds = time.perf_counter() - t0
 
         summary = controller.summary()
-        calls = sum(self.backend.calls[layer.name] for layer in self.manifest.layers) - calls_before
+        calls = self.layer_engine_calls() - calls_before
         stats = {
             "policy": config.name,
             "policy_config": config.to_dict(),
@@ -215,6 +233,8 @@ class Runtime:
             "seed": seed,
             "frames": frames, "height": height, "width": width,
             "guidance_scale": guidance_scale,
+            **({"guidance_scale_2": sampler.guidance_scale_2 if cfg else None,
+                "stages": list(sampler.stages), "experts": list(sampler.experts)} if self.manifest.experts else {}),
             "steps": steps,
             "num_layers": self.num_layers,
             "layer_calls": summary["layer_calls"],
@@ -223,7 +243,7 @@ class Runtime:
             "layer_engine_calls": calls,
             # Reuse binds cached buffers (0 bytes); backends whose engines return their own tensors (torch,
             # aoti) add the one copy of each result into its buffer.
-            "bytes_copied": pool.bytes_copied + self.backend.bytes_copied - copied_before,
+            "bytes_copied": pool.bytes_copied + sum(b.bytes_copied for b in self.backends) - copied_before,
             "buffer_bytes": pool.bytes_allocated,
             "text_encode_seconds": text_seconds,
             "denoise_seconds": denoise_seconds,
@@ -233,14 +253,20 @@ class Runtime:
         }
         return GenerationResult(frames=video, latents=latents, stats=stats, trace=stats["trace"])
 
+    def layer_engine_calls(self) -> int:
+        """Layer engine calls so far, every expert's together (a counter tests prove reuse with)."""
+        return sum(b.calls[layer.name] for b in self.backends for layer in self.manifest.layers)
+
     def _denoise(self, sampler, pool, controller, bar):
         """The denoising loop: the pipeline's sampler prepares each step's stem inputs and applies
-        guidance and the scheduler step; the controller's plan decides which layers run."""
+        guidance and the scheduler step; the controller's plan decides which layers run, on the
+        engines of the expert the sampler names for the step."""
         latents = sampler.latents
         for i in range(len(sampler.timesteps)):
             sampler.fill(pool.stem_in, latents, i)
             plan = controller.plan(i)
-            noise_pred = self._run_step(plan, pool, controller, i).float()  # guidance and scheduler in fp32
+            backend = self.backends[sampler.experts[i]]
+            noise_pred = self._run_step(plan, pool, controller, i, backend).float()  # guidance, scheduler in fp32
             latents = sampler.step(noise_pred, i, latents)
             if bar is not None:
                 bar.set_postfix_str(f"layers {len(plan.computed)}/{self.num_layers}")
@@ -289,13 +315,13 @@ class Runtime:
         batch = {t.name for t in specs if t.shape and t.shape[0] == "B"}
         return {name: (t[half] if name in batch else t) for name, t in tensors.items()}
 
-    def _run_step(self, plan, pool: BufferPool, controller, step: int) -> torch.Tensor:
+    def _run_step(self, plan, pool: BufferPool, controller, step: int, backend) -> torch.Tensor:
         """Execute one planned step; returns the head's output (a buffer, valid until the next step).
 
         With two CFG passes both run the same plan, each on its half of every buffer, so a reused
         layer's cache holds both passes' outputs and a probe's mse is taken over both halves
         together: the mean of the two passes' mse (one decision per step for the whole batch)."""
-        flow, manifest, backend = self.manifest.flow, self.manifest, self.backend
+        flow, manifest = self.manifest.flow, self.manifest
         num_probes = len(self.probes)
         stats = pool.stats
         stem, head = manifest.stem, manifest.head
@@ -363,9 +389,10 @@ def check_shape(manifest: Manifest, frames, height, width) -> tuple[int, int, in
 
 
 def check_request(manifest: Manifest, prompt, negative_prompt=None, num_frames=None, height=None, width=None,
-                  num_inference_steps=None, guidance_scale=None, seed=0) -> dict:
+                  num_inference_steps=None, guidance_scale=None, seed=0, guidance_scale_2=None) -> dict:
     """Generation arguments checked against the manifest alone (no engine, no model loaded), with the
-    defaults filled in: ``{prompt, negative_prompt, frames, height, width, steps, guidance_scale, seed}``."""
+    defaults filled in: ``{prompt, negative_prompt, frames, height, width, steps, guidance_scale,
+    guidance_scale_2, seed}`` (``guidance_scale_2`` None for one-transformer models)."""
     p = manifest.pipeline
     if not isinstance(prompt, str):
         raise ConfigError(f"prompt must be a string (got {type(prompt).__name__})")
@@ -377,10 +404,24 @@ def check_request(manifest: Manifest, prompt, negative_prompt=None, num_frames=N
         raise ConfigError(f"steps must be a whole number in 1..{p['max_steps']} (the scheduler's training "
                           f"timesteps; got {steps!r}): pass e.g. --steps {p['default_steps']}")
     guidance = p["default_guidance"] if guidance_scale is None else guidance_scale
-    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
-            or guidance < 0:
-        raise ConfigError(f"guidance scale must be a finite number >= 0 (got {guidance!r}); <= 1 disables "
-                          f"classifier-free guidance: pass e.g. --guidance {p['default_guidance']}")
+    _check_guidance(guidance, "--guidance", p["default_guidance"])
+    if manifest.experts:
+        default_2 = p.get("default_guidance_2")
+        guidance_2 = (guidance if default_2 is None else default_2) if guidance_scale_2 is None else guidance_scale_2
+        _check_guidance(guidance_2, "--guidance-2", default_2 if default_2 is not None else p["default_guidance"])
+        guidance_2 = float(guidance_2)
+    elif guidance_scale_2 is not None:
+        raise ConfigError("guidance_scale_2 (--guidance-2) is the second expert's guidance; these engines have one "
+                          "transformer: drop it")
+    else:
+        guidance_2 = None
     return {"prompt": prompt,
             "negative_prompt": p.get("default_negative_prompt") if negative_prompt is None else negative_prompt,
-            **shape, "steps": steps, "guidance_scale": float(guidance), "seed": check_seed(seed)}
+            **shape, "steps": steps, "guidance_scale": float(guidance), "guidance_scale_2": guidance_2,
+            "seed": check_seed(seed)}
+
+
+def _check_guidance(value, flag: str, example) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"guidance scale must be a finite number >= 0 (got {value!r}); <= 1 disables "
+                          f"classifier-free guidance: pass e.g. {flag} {example}")

@@ -22,6 +22,7 @@ and never the raw dict.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -32,14 +33,16 @@ from typing import Mapping
 
 from .errors import ManifestError, ShapeError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # the newest version this runtime reads: 2 plus ``experts``
+MIN_SCHEMA_VERSION = 2  # exporters write 2 for folders without experts, so version-2 readers keep reading them
 FORMAT = "foresight-engines"
 MANIFEST_NAME = "manifest.json"
 SCHEMA_FILE = Path(__file__).resolve().parent / "schema" / "manifest.schema.json"
 MAX_MANIFEST_BYTES = 16 << 20
 # The model-config key that holds the number of layers, per family (the layer list must match it).
 LAYER_COUNT_KEYS = {"latte": "num_layers", "cogvideox": "num_layers", "opensora": "depth", "wan": "num_layers"}
-FREE_DIMS = ("B", "F", "h", "w", "T")  # batch, latent frames, token grid rows/cols, text tokens
+FREE_DIMS = ("B", "F", "h", "w", "T")
+PIPELINE_COMPONENTS = ("text_encoder", "tokenizer", "vae", "scheduler")  # required; not an expert's weights  # batch, latent frames, token grid rows/cols, text tokens
 
 
 def sha256_file(path: Path) -> str:
@@ -191,6 +194,22 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class Expert:
+    """One of a model's other transformers (Wan 2.2's low-noise expert): the same parts as
+    ``Manifest.parts``, in other files. Expert 0 is the manifest's own parts."""
+
+    name: str
+    component: str  # its weights folder in ``components`` (torch backend)
+    files: Mapping[str, str]  # part name -> file
+    aoti: Mapping | None = None  # part name -> {program, weights, validation} when the folder has packages
+
+    @classmethod
+    def parse(cls, d: Mapping) -> "Expert":
+        return cls(d["name"], d["component"], MappingProxyType(dict(d["files"])),
+                   MappingProxyType(dict(d["aoti"])) if d.get("aoti") is not None else None)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A loaded, validated engines folder description. ``root`` is the folder (resolved)."""
 
@@ -212,6 +231,7 @@ class Manifest:
     source: Mapping = field(default_factory=dict)  # the checkpoint it was exported from (for tools; never read)
     tensorrt: Mapping | None = None
     aoti: Mapping | None = None  # AOTInductor packages (runtime/aoti.py): identity, programs, per-part weights
+    experts: tuple[Expert, ...] = ()  # the model's other transformers (expert 0 is stem/layers/head)
     raw: Mapping = field(default_factory=dict, repr=False)  # for writers that update one section
 
     @property
@@ -228,6 +248,23 @@ class Manifest:
 
     def part(self, name: str) -> Part:
         return next(p for p in self.all_parts if p.name == name)
+
+    @property
+    def num_experts(self) -> int:
+        return 1 + len(self.experts)
+
+    def expert(self, index: int) -> "Manifest":
+        """The manifest as expert ``index`` sees it: its part files, weights component and AOTInductor
+        weights in place of expert 0's, so any backend loads it unchanged. Expert 0 is the manifest."""
+        if index == 0:
+            return self
+        e = self.experts[index - 1]
+        parts = {p.name: dataclasses.replace(p, file=e.files[p.name]) for p in self.all_parts}
+        return dataclasses.replace(
+            self, stem=parts["stem"], layers=tuple(parts[p.name] for p in self.layers), head=parts["head"],
+            components=MappingProxyType({**self.components, "transformer": self.components[e.component]}),
+            aoti=None if self.aoti is None else {**self.aoti, "parts": dict(e.aoti)},
+            tensorrt=None, experts=())
 
     def path(self, relative: str) -> Path:
         """A listed path inside the folder (checked at load)."""
@@ -279,8 +316,9 @@ def load_manifest(folder: str | Path, verify_hashes: bool = True) -> Manifest:
             f"{mpath} has schema version {version}, newer than this runtime's {SCHEMA_VERSION}: "
             f"upgrade foresight-dit (pip install -U foresight-dit) or re-export with this version"
         )
-    if version < SCHEMA_VERSION:
-        raise ManifestError(f"{mpath} has old schema version {version} (this runtime reads {SCHEMA_VERSION}); {fix}")
+    if version < MIN_SCHEMA_VERSION:
+        raise ManifestError(f"{mpath} has old schema version {version} (this runtime reads {MIN_SCHEMA_VERSION}.."
+                            f"{SCHEMA_VERSION}); {fix}")
     _check_schema(data, mpath, fix)
     try:
         manifest = _parse(root, data)
@@ -327,7 +365,8 @@ def _parse(root: Path, data: dict) -> Manifest:
         components=MappingProxyType(dict(data["components"])),
         files=MappingProxyType({k: FileEntry(v["sha256"], v["bytes"]) for k, v in data["files"].items()}),
         foresight_defaults=MappingProxyType(data["foresight_defaults"]),
-        source=MappingProxyType(data["model"].get("source", {})), tensorrt=tensorrt, aoti=data.get("aoti"), raw=data,
+        source=MappingProxyType(data["model"].get("source", {})), tensorrt=tensorrt, aoti=data.get("aoti"),
+        experts=tuple(map(Expert.parse, data.get("experts", ()))), raw=data,
     )
 
 
@@ -339,8 +378,21 @@ def _check_references(m: Manifest) -> None:
     want = [f"layer_{i:03d}" for i in range(m.num_layers)]
     if [p.name for p in m.layers] != want:
         raise ValueError(f"parts.layers must be named {want[0]}..{want[-1]} in order")
-    if len(set(p.file for p in m.all_parts)) != len(names):
+    files = [p.file for p in m.all_parts] + [f for e in m.experts for f in e.files.values()]
+    if len(set(files)) != len(files):
         raise ValueError("two parts name the same file")
+    for k, e in enumerate(m.experts, 1):
+        if list(e.files) != names:
+            raise ValueError(f"experts[{k - 1}] ({e.name}).files must list every part in order ({names[0]}..{names[-1]})")
+        if e.component not in m.components or e.component in ("transformer", *PIPELINE_COMPONENTS):
+            raise ValueError(f"experts[{k - 1}] ({e.name}).component {e.component!r} must be a component of its own")
+        if (e.aoti is None) != (m.aoti is None) or (e.aoti is not None and list(e.aoti) != names):
+            raise ValueError(f"experts[{k - 1}] ({e.name}).aoti must list every part in order exactly when the "
+                             f"folder has an aoti section")
+        unknown = sorted({v["program"] for v in (e.aoti or {}).values()} - set((m.aoti or {}).get("programs", {})))
+        if unknown:
+            raise ValueError(f"experts[{k - 1}] ({e.name}).aoti names programs aoti.programs does not list: "
+                             f"{', '.join(unknown)}")
     key = LAYER_COUNT_KEYS.get(m.family)
     declared = m.raw["model"]["num_layers"]
     if m.num_layers != declared or (key and m.model_config.get(key) != declared):
@@ -420,6 +472,8 @@ def _check_files(m: Manifest, verify_hashes: bool, fix: str) -> None:
             needed.append(m.tensorrt["timing_cache"])
     if m.aoti:
         needed += [e["file"] for e in m.aoti["programs"].values()] + [e["weights"] for e in m.aoti["parts"].values()]
+    for expert in m.experts:
+        needed += list(expert.files.values()) + [e["weights"] for e in (expert.aoti or {}).values()]
     for rel in needed:  # relative without `..` by the schema; _inside catches symlinks leading out
         path = _inside(root, rel)
         if path.is_dir():  # a component folder: every file in it is listed, nothing else is in it

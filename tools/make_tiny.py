@@ -4,6 +4,7 @@
     python -m tools.make_tiny --model cogvideox --variant 5b --out exporter/presets/cogvideox-tiny-5b
     python -m tools.make_tiny --model opensora --out /tmp/opensora-tiny
     python -m tools.make_tiny --model wan --out exporter/presets/wan-tiny-random
+    python -m tools.make_tiny --model wan-a14b --out exporter/presets/wan-tiny-random-a14b
 
 The same architecture classes and configuration keys as the released checkpoints (CogVideoX-2B:
 sin-cos positions and CogVideoXDDIM; CogVideoX-5B: rotary positions and CogVideoXDPM; Open-Sora
@@ -127,13 +128,26 @@ def wan_components(seed: int = 0, layers: int = 4) -> dict:
             "scheduler": scheduler}
 
 
-def make_wan(out: Path, seed: int = 0) -> Path:
+def make_wan(out: Path, seed: int = 0, experts: bool = False) -> Path:
+    """Wan 2.1 T2V, or with ``experts`` Wan 2.2 T2V-A14B's layout: a second transformer (the low-noise
+    expert, other random weights), ``boundary_ratio`` 0.875, guidance 4.0 / 3.0 and UniPC with flow
+    shift 12 as the A14B release sets them."""
     import json
 
-    from diffusers import WanPipeline
+    from diffusers import UniPCMultistepScheduler, WanPipeline
 
+    components = wan_components(seed)
     defaults = {**WAN_SHAPE, "max_sequence_length": WAN_TOKENS, "guidance_scale": 5.0, "num_inference_steps": 50}
-    return save_pipeline(WanPipeline(**wan_components(seed)), out, extra=lambda folder: (
+    if experts:
+        from diffusers import WanTransformer3DModel
+
+        torch.manual_seed(seed + 3)
+        components["transformer_2"] = WanTransformer3DModel.from_config(components["transformer"].config).eval()
+        components["boundary_ratio"] = 0.875
+        components["scheduler"] = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                          flow_shift=12.0, num_train_timesteps=1000)
+        defaults.update(guidance_scale=4.0, guidance_scale_2=3.0, num_inference_steps=40)
+    return save_pipeline(WanPipeline(**components), out, extra=lambda folder: (
         Path(folder) / "defaults.json").write_text(json.dumps(defaults, indent=1) + "\n"))
 
 
@@ -151,15 +165,15 @@ def make_opensora(out: Path, seed: int = 0) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["cogvideox", "opensora", "wan"], required=True)
+    ap.add_argument("--model", choices=["cogvideox", "opensora", "wan", "wan-a14b"], required=True)
     ap.add_argument("--variant", choices=["2b", "5b"], default="2b", help="cogvideox: 2b (sin-cos) or 5b (rotary)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.model == "opensora":
         out = make_opensora(args.out, args.seed)
-    elif args.model == "wan":
-        out = make_wan(args.out, args.seed)
+    elif args.model.startswith("wan"):
+        out = make_wan(args.out, args.seed, experts=args.model == "wan-a14b")
     else:
         out = make_cogvideox(args.out, args.variant, args.seed)
     print(f"wrote {out}")

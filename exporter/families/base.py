@@ -96,6 +96,7 @@ class LoadedModel:
     transformer: object
     source: str
     components: dict  # name -> object with save_pretrained (text_encoder, tokenizer, vae, scheduler, transformer)
+    experts: dict = field(default_factory=dict)  # the model's other transformers by component name (Wan 2.2)
 
 
 class Family:
@@ -143,6 +144,10 @@ class Family:
 
     def write_extras(self, model, folder: Path) -> dict:
         """Pipeline files that come from the transformer (``{component name: file}``); none by default."""
+        return {}
+
+    def checkpoint_facts(self, source: str) -> dict:
+        """Pipeline facts the checkpoint's own pipeline config sets (Wan 2.2's ``boundary_ratio``); none by default."""
         return {}
 
 

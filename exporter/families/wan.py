@@ -1,11 +1,16 @@
-"""Wan 2.1 (diffusers ``WanTransformer3DModel`` in a ``WanPipeline`` checkpoint) cut into exportable parts.
+"""Wan 2.1 and Wan 2.2 A14B (diffusers ``WanTransformer3DModel`` in a ``WanPipeline`` checkpoint) cut
+into exportable parts.
 
 One tensor flows between layers, the video tokens on their grid ``(B, F, h, w, D)``: the state
 and the Foresight probe. The projected text and the timestep projection are stem outputs every
 layer reads; the rotary tables are computed inside each layer from its grid (``dit/wan.py``).
 
-Not supported yet, refused by name: Wan 2.2's two experts (``transformer_2`` / ``boundary_ratio``),
-per-token timesteps (``expand_timesteps``, TI2V-5B) and image conditioning (I2V).
+Wan 2.2 A14B's second transformer (``transformer_2``, the low-noise expert WanPipeline switches
+to below ``boundary_ratio * num_train_timesteps``) is exported as the folder's second expert: the
+same parts in other files (docs/engines-format.md §10).
+
+Not supported yet, refused by name: per-token timesteps (``expand_timesteps``, TI2V-5B) and image
+conditioning (I2V).
 """
 
 from __future__ import annotations
@@ -18,21 +23,51 @@ from dit.errors import ModelError
 
 from .base import Family, IOSpec, PartSpec, load_components
 
-PRESETS = {"tiny-random": Path(__file__).resolve().parent.parent / "presets" / "wan-tiny-random"}
+PRESETS = {"tiny-random": Path(__file__).resolve().parent.parent / "presets" / "wan-tiny-random",
+           # Wan 2.2 T2V-A14B's layout (two experts, boundary_ratio, UniPC): random weights
+           "tiny-random-a14b": Path(__file__).resolve().parent.parent / "presets" / "wan-tiny-random-a14b"}
 MAX_TEXT_TOKENS = 512  # WanPipeline's default max_sequence_length (UMT5)
 
 
-def check_supported(model_path: str, transformer) -> None:
+def pipeline_config(model_path: str) -> dict:
+    """The checkpoint's ``model_index.json`` (WanPipeline's config: ``boundary_ratio``, ``transformer_2``, ...)."""
     index = Path(model_path) / "model_index.json"
-    config = json.loads(index.read_text()) if index.is_file() else {}
-    if (config.get("transformer_2") or [None])[0] is not None or config.get("boundary_ratio") is not None:
-        raise ModelError(f"{model_path}: Wan 2.2's two experts (transformer_2, boundary_ratio) are not supported yet: "
-                         f"only single-transformer Wan 2.1 text-to-video checkpoints")
+    try:
+        if not Path(model_path).is_dir():  # a hub id (load_components has fetched it already: cached)
+            from huggingface_hub import hf_hub_download
+
+            index = Path(hf_hub_download(model_path, "model_index.json"))
+        return json.loads(index.read_text()) if index.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{index} is not valid JSON ({exc}): fix or re-download the checkpoint") from None
+
+
+def has_second_expert(config: dict) -> bool:
+    """WanPipeline runs ``transformer_2`` only when ``boundary_ratio`` is set (else it is never called)."""
+    return config.get("boundary_ratio") is not None
+
+
+def check_pipeline_config(model_path: str, config: dict) -> None:
     if config.get("expand_timesteps"):
         raise ModelError(f"{model_path}: per-token timesteps (expand_timesteps, Wan 2.2 TI2V) are not supported yet")
-    cfg = transformer.config
-    if cfg.image_dim is not None or cfg.added_kv_proj_dim is not None:
-        raise ModelError(f"{model_path}: image-conditioned Wan (I2V) is not supported: text-to-video checkpoints only")
+    ratio = config.get("boundary_ratio")
+    if ratio is not None and not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < 1):
+        raise ModelError(f"{model_path}: boundary_ratio {ratio!r} in model_index.json is not a number in (0, 1)")
+
+
+def check_supported(model_path: str, transformer, transformer_2=None) -> None:
+    for name, model in (("transformer", transformer), ("transformer_2", transformer_2)):
+        cfg = getattr(model, "config", None)
+        if cfg is not None and (cfg.image_dim is not None or cfg.added_kv_proj_dim is not None):
+            raise ModelError(f"{model_path}: image-conditioned Wan (I2V, {name}) is not supported: text-to-video "
+                             f"checkpoints only")
+    if transformer_2 is not None:
+        keys = ("patch_size", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "text_dim",
+                "freq_dim", "ffn_dim", "num_layers", "cross_attn_norm", "qk_norm", "eps", "rope_max_seq_len")
+        differ = [k for k in keys if transformer.config[k] != transformer_2.config[k]]
+        if differ:
+            raise ModelError(f"{model_path}: transformer and transformer_2 differ in {', '.join(differ)}; the two "
+                             f"experts must share one architecture")
 
 
 def parts(model) -> list[PartSpec]:
@@ -56,7 +91,7 @@ def parts(model) -> list[PartSpec]:
 
 
 class WanFamily(Family):
-    """Wan 2.1 text-to-video in the registry."""
+    """Wan 2.1 and Wan 2.2 A14B text-to-video in the registry."""
 
     name = "wan"
     pipeline_class = "WanPipeline"
@@ -68,8 +103,26 @@ class WanFamily(Family):
         from diffusers import WanTransformer3DModel
 
         loaded = load_components(self, model_path, WanTransformer3DModel)
-        check_supported(model_path, loaded.transformer)
+        config = pipeline_config(loaded.source)
+        check_pipeline_config(loaded.source, config)
+        if has_second_expert(config):
+            local = Path(loaded.source).is_dir()
+            if local and not (Path(loaded.source) / "transformer_2").is_dir():
+                raise ModelError(f"{loaded.source} sets boundary_ratio (Wan 2.2's two experts) but has no "
+                                 f"transformer_2/: download the full checkpoint (e.g. huggingface-cli download "
+                                 f"Wan-AI/Wan2.2-T2V-A14B-Diffusers --local-dir DIR)")
+            try:
+                loaded.experts["transformer_2"] = WanTransformer3DModel.from_pretrained(
+                    loaded.source, subfolder="transformer_2", local_files_only=local).eval()
+            except Exception as exc:  # noqa: BLE001 - a loader failure becomes one actionable message
+                raise ModelError(f"could not load transformer_2 of {loaded.source}: {exc}") from exc
+        check_supported(loaded.source, loaded.transformer, loaded.experts.get("transformer_2"))
         return loaded
+
+    def checkpoint_facts(self, source: str) -> dict:
+        """Wan 2.2 A14B: the second expert runs the steps with ``t < boundary_ratio * num_train_timesteps``."""
+        config = pipeline_config(source)
+        return {"boundary_ratio": float(config["boundary_ratio"])} if has_second_expert(config) else {}
 
     def parts(self, model) -> list[PartSpec]:
         return parts(model)

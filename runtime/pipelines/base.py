@@ -208,12 +208,17 @@ class PipelineParts:
         return kwargs
 
     def sampler(self, steps: int, frames: int, height: int, width: int, seed: int, guidance_scale: float | None,
-                dtype: torch.dtype = torch.float32) -> "Sampler":
-        """Per-generation sampling state; ``guidance_scale`` None = no CFG."""
+                dtype: torch.dtype = torch.float32, guidance_scale_2: float | None = None) -> "Sampler":
+        """Per-generation sampling state; ``guidance_scale`` None = no CFG; ``guidance_scale_2``: the
+        second expert's scale (two-expert models; None = ``guidance_scale``)."""
         scheduler = self.new_scheduler()
         scheduler.set_timesteps(steps, device=self.device)
         latents, generator = self.initial_latents(scheduler, frames, height, width, seed, dtype)
-        return self.sampler_cls(self, scheduler, latents, self.step_kwargs(scheduler, generator), guidance_scale, steps)
+        sampler = self.sampler_cls(self, scheduler, latents, self.step_kwargs(scheduler, generator), guidance_scale,
+                                   steps)
+        if guidance_scale is not None and guidance_scale_2 is not None:
+            sampler.guidance_scale_2 = guidance_scale_2
+        return sampler
 
     def _postprocess(self, video: torch.Tensor):
         """``(1, 3, F, H, W)`` in [-1, 1] -> uint8 frames ``(F, H, W, 3)`` (numpy)."""
@@ -230,7 +235,23 @@ class Sampler:
                  guidance_scale: float | None, steps: int):
         self.parts, self.scheduler, self.latents = parts, scheduler, latents
         self.step_kwargs, self.guidance_scale, self.steps = step_kwargs, guidance_scale, steps
+        self.guidance_scale_2 = guidance_scale
         self.timesteps = scheduler.timesteps
+        self.experts = self.expert_schedule()
+
+    def expert_schedule(self) -> list[int]:
+        """Which of the engines folder's experts runs each step (one expert: 0 throughout)."""
+        return [0] * len(self.timesteps)
+
+    @property
+    def stages(self) -> tuple[int, ...]:
+        """The steps at which a new expert takes over (with 0): the controller's stages."""
+        e = self.experts
+        return (0, *(i for i in range(1, len(e)) if e[i] != e[i - 1]))
+
+    def scale(self, i: int) -> float | None:
+        """The guidance scale of step ``i``: the second expert's steps take ``guidance_scale_2``."""
+        return self.guidance_scale_2 if self.experts[i] else self.guidance_scale
 
     def fill(self, stem_in: dict, latents: torch.Tensor, i: int) -> None:
         t = self.timesteps[i]

@@ -19,7 +19,8 @@ class OpenSoraSampler(Sampler):
 
     def __init__(self, parts, rflow, latents, timesteps, frames, height, width, guidance_scale):
         self.parts, self.rflow, self.latents, self.timesteps = parts, rflow, latents, timesteps
-        self.guidance_scale = guidance_scale
+        self.guidance_scale = self.guidance_scale_2 = guidance_scale
+        self.experts = self.expert_schedule()
         self.extras = {"fps": float(parts.config["fps"]), "height": float(height), "width": float(width)}
 
     def fill(self, stem_in: dict, latents: torch.Tensor, i: int) -> None:
@@ -102,7 +103,7 @@ class OpenSoraPipelineParts(PipelineParts):
         return {"caption": torch.cat([embeds, null]), "caption_mask": torch.cat([mask, mask])}
 
     def sampler(self, steps: int, frames: int, height: int, width: int, seed: int, guidance_scale: float | None,
-                dtype: torch.dtype = torch.float32) -> OpenSoraSampler:
+                dtype: torch.dtype = torch.float32, guidance_scale_2: float | None = None) -> OpenSoraSampler:
         from dit.rflow import RFlowSampler
 
         rflow = RFlowSampler(num_steps=steps, guidance_scale=guidance_scale or 1.0,

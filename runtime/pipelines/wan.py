@@ -1,7 +1,9 @@
-"""diffusers' ``WanPipeline`` (Wan 2.1 text-to-video): UMT5 prompts cleaned, padded to the maximum
-length, trimmed to their tokens and zero-padded; latents drawn in fp32; classifier-free guidance
-as two batch-1 passes per step (conditional, then unconditional); the scheduler the checkpoint
-names (FlowMatchEuler or UniPC with its ``flow_shift``) from index 0; ``AutoencoderKLWan``
+"""diffusers' ``WanPipeline`` (Wan 2.1 and Wan 2.2 A14B text-to-video): UMT5 prompts cleaned, padded
+to the maximum length, trimmed to their tokens and zero-padded; latents drawn in fp32;
+classifier-free guidance as two batch-1 passes per step (conditional, then unconditional); the
+scheduler the checkpoint names (FlowMatchEuler or UniPC with its ``flow_shift``) from index 0;
+with two experts the high-noise one (guidance ``guidance_scale``) for ``t >= boundary_ratio *
+num_train_timesteps`` and the low-noise one (``guidance_scale_2``) below; ``AutoencoderKLWan``
 decoding after de-normalising with the VAE's per-channel mean and std."""
 
 from __future__ import annotations
@@ -19,6 +21,15 @@ class WanSampler(Sampler):
         super().__init__(*args)
         self.scheduler.set_begin_index(0)
 
+    def expert_schedule(self) -> list[int]:
+        """Wan 2.2 A14B: the high-noise expert (0) while ``t >= boundary_ratio * num_train_timesteps``,
+        the low-noise expert (1) below."""
+        ratio = self.parts.config.get("boundary_ratio")
+        if ratio is None:
+            return [0] * len(self.timesteps)
+        boundary = ratio * self.scheduler.config.num_train_timesteps
+        return [0 if t >= boundary else 1 for t in self.timesteps]
+
     def fill(self, stem_in: dict, latents: torch.Tensor, i: int) -> None:
         model_input = torch.cat([latents] * 2) if self.guidance_scale is not None else latents
         stem_in["latents"].copy_(model_input)
@@ -26,7 +37,7 @@ class WanSampler(Sampler):
 
     def step(self, noise_pred: torch.Tensor, i: int, latents: torch.Tensor) -> torch.Tensor:
         if self.guidance_scale is not None:
-            noise_pred = self.guide(noise_pred, self.guidance_scale)
+            noise_pred = self.guide(noise_pred, self.scale(i))
         return self.scheduler.step(noise_pred, self.timesteps[i], latents, return_dict=False)[0]
 
 

@@ -22,7 +22,7 @@ import pytest
 import exporter.export as export_mod
 from exporter.cli import main
 from exporter.export import ExportError, ExportOptions, export
-from runtime.manifest import FORMAT, MANIFEST_NAME, SCHEMA_VERSION, load_manifest
+from runtime.manifest import FORMAT, MANIFEST_NAME, MIN_SCHEMA_VERSION, SCHEMA_VERSION, load_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 COMPONENTS = ("text_encoder", "tokenizer", "vae", "scheduler")
@@ -59,7 +59,7 @@ def preset_config(preset_dir) -> SimpleNamespace:
 
 def test_manifest_loads_and_has_current_schema(engines_dir, manifest, preset_config):
     loaded = load_manifest(engines_dir)
-    assert manifest["schema_version"] == SCHEMA_VERSION
+    assert manifest["schema_version"] == MIN_SCHEMA_VERSION  # one transformer: readable by version-2 readers
     assert loaded.num_layers == preset_config.transformer["num_layers"]
     assert [p.name for p in loaded.all_parts] == (
         ["stem"] + [f"layer_{i:03d}" for i in range(preset_config.transformer["num_layers"])] + ["head"]
@@ -293,7 +293,7 @@ def test_overwrite_replaces_the_existing_folder(model_path_export):
     assert r.stdout.strip().endswith(f"wrote {r.out}/manifest.json")
     assert not (r.out / "stale.txt").exists()
     manifest = load_manifest(r.out)
-    assert manifest.raw["schema_version"] == SCHEMA_VERSION
+    assert manifest.raw["schema_version"] == MIN_SCHEMA_VERSION
     assert manifest.name == r.out.name
     assert sorted(p.name for p in r.root.iterdir()) == ["checkpoint", "engines"]  # no .tmp-/.old- left
 

@@ -349,28 +349,31 @@ def test_controller_hands_the_policy_its_state_and_follows_it(fresh_registry):
 
     @dataclass(frozen=True)
     class SkipFirst(Policy):
-        """Step 0 measures every layer and calibrates with gamma 2; later steps skip layer 0."""
+        """Step 0 fills the caches, step 1 measures every layer and calibrates with gamma 2; later
+        steps skip layer 0."""
 
         name: ClassVar[str] = "skip-first"
 
         def decide(self, step, state):
             seen.append(state)
-            return (0, True) if step == 0 else (1, True)
+            return (0, False) if step == 0 else (0, True) if step == 1 else (1, True)
 
         def calibration(self, step):
-            return 2.0 if step == 0 else None
+            return 2.0 if step == 1 else None
 
     ctrl = make_controller("skip-first", 2, 2)
     # The controller, not the policy, picks the source: layer 0's last probe feeds layer 1.
-    assert run(ctrl, [[[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0]], [[7.0, 8.0]]]) == [FULL, (1, (0, 1), True), (1, (0, 1), True)]
-    assert seen[0] == ControllerState(2, 2, (None, None), None)
-    assert seen[1] == ControllerState(2, 2, ((1.0, 2.0), (3.0, 4.0)), ((2.0, 4.0), (6.0, 8.0)))
-    assert seen[2].mse == ((1.0, 2.0), (5.0, 6.0))  # skipped layer 0 keeps its mse
-    assert ctrl.trace["steps"][2]["thresholds"] == [[2.0, 4.0], [6.0, 8.0]]
+    assert run(ctrl, [None, [[1.0, 2.0], [3.0, 4.0]], [[5.0, 6.0]], [[7.0, 8.0]]]) == \
+        [(0, None, False), FULL, (1, (0, 1), True), (1, (0, 1), True)]
+    assert seen[1] == ControllerState(2, 2, (None, None), None)
+    assert seen[2] == ControllerState(2, 2, ((1.0, 2.0), (3.0, 4.0)), ((2.0, 4.0), (6.0, 8.0)))
+    assert seen[3].mse == ((1.0, 2.0), (5.0, 6.0))  # skipped layer 0 keeps its mse
+    assert ctrl.trace["steps"][3]["thresholds"] == [[2.0, 4.0], [6.0, 8.0]]
     assert ctrl.trace["config"] == {"policy": "skip-first"}
 
 
-@pytest.mark.parametrize("decision", [(3, False), (-1, False), (1.0, False), (2, True), (0, 1)])
+@pytest.mark.parametrize("decision", [(3, False), (-1, False), (1.0, False), (2, True), (0, 1), (1, False),
+                                      (0, True)])
 def test_an_impossible_decision_is_a_policy_bug(fresh_registry, decision):
     @dataclass(frozen=True)
     class Broken(Policy):

@@ -24,6 +24,7 @@ def replay(trace: dict) -> None:
     """Feed `trace`'s recorded mse through a fresh controller and check it decides the same."""
     options = dict(trace["config"])
     ctrl = make_controller(options.pop("policy"), trace["num_layers"], trace["num_probes"], **options)
+    ctrl.reset(stages=trace.get("stages", [0]))  # a two-expert model's run: one stage per expert
     for want in trace["steps"]:
         t = want["step"]
         plan = ctrl.plan(t)

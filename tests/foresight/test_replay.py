@@ -16,6 +16,7 @@ def test_replaying_a_trace_gives_its_decisions(path):
     trace = load_trace(path.read_text())
     policy = ReplayPolicy.from_trace(trace)
     controller = Controller(policy, trace["num_layers"], trace["num_probes"])
+    controller.reset(stages=trace.get("stages", [0]))
     for step in trace["steps"]:
         plan = controller.plan(step["step"])
         assert (list(plan.computed), list(plan.source) if plan.source else None, plan.measure) == \

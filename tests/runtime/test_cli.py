@@ -87,7 +87,7 @@ def corrupt(folder: Path, how: str) -> None:
 @pytest.mark.parametrize("how, message", [
     ("json", r"is not valid JSON.*re-export"),
     ("fields", r"does not follow the engines format at \(top level\): 'parts' is a required property.*re-export"),
-    ("schema", r"schema version 99, newer than this runtime's 2: upgrade"),
+    ("schema", r"schema version 99, newer than this runtime's 3: upgrade"),
     ("hash", r"layer_001.onnx does not match the sha256.*re-export"),
     ("missing-file", r"layer_002.onnx listed in the manifest is missing"),
 ])

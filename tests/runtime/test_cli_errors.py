@@ -40,6 +40,7 @@ def assert_refused(code, err, folder: Path, *words):
     (["--device", "meta"], ["cpu or cuda"]),
     (["--device", "cuda:banana"], ["device"]),
     (["--fps", 0], ["fps"]),
+    (["--guidance-2", 3], ["--guidance-2", "one transformer", "drop it"]),
 ])
 def test_bad_generation_arguments(engines_dir, tmp_path, capsys, flags, words):
     if flags[:2] == ["--device", "cuda"]:

@@ -134,7 +134,7 @@ def test_flow_sources_and_probes_are_resolved_at_load(engines_copy, change, matc
 
 
 def test_manifest_from_a_newer_version_names_the_upgrade(engines_copy):
-    edit(engines_copy, lambda d: d.__setitem__("schema_version", 3))
+    edit(engines_copy, lambda d: d.__setitem__("schema_version", 4))
     with pytest.raises(ManifestError, match="upgrade"):
         load_manifest(engines_copy)
 
