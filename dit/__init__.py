@@ -2,8 +2,9 @@
 
 One module per model family (``latte``, ``cogvideox``, ``opensora``) defines ``FAMILY``, the
 stem / layer / head modules whose stack equals the model's forward, ``load_transformer(folder)``
-(a local ``transformer/`` folder, never the network) and ``part_modules(model)``. Models that
-diffusers does not have live here too (Open-Sora 1.2's STDiT3, its VAE, the rectified-flow
+(a local ``transformer/`` folder, never the network) and ``part_modules(model, pipeline=None)``
+(``pipeline``: the engines' pipeline facts, for options a model's pipeline sets, e.g. Wan 2.2
+TI2V's per-token timesteps). Models that diffusers does not have live here too (Open-Sora 1.2's STDiT3, its VAE, the rectified-flow
 sampler and the eager reference pipeline). Nothing here imports the exporter or the runtime.
 """
 

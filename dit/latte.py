@@ -128,7 +128,7 @@ def load_transformer(folder: str | Path):
     return LatteTransformer3DModel.from_pretrained(str(folder), local_files_only=True)
 
 
-def part_modules(model) -> dict[str, nn.Module]:
+def part_modules(model, pipeline=None) -> dict[str, nn.Module]:
     """``{"stem", "layer_000", ..., "head"}`` over one transformer (the parts share its weights)."""
     layers = {f"layer_{i:03d}": LatteLayer(model, i) for i in range(model.config.num_layers)}
     return {"stem": LatteStem(model), **layers, "head": LatteHead(model)}

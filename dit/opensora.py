@@ -62,7 +62,7 @@ def load_transformer(folder: str | Path):
     return load_stdit3(Path(folder))
 
 
-def part_modules(model) -> dict[str, nn.Module]:
+def part_modules(model, pipeline=None) -> dict[str, nn.Module]:
     """``{"stem", "layer_000", ..., "head"}`` over one STDiT3 (the parts share its weights)."""
     layers = {f"layer_{i:03d}": OpenSoraLayer(model, i) for i in range(model.config.depth)}
     return {"stem": OpenSoraStem(model), **layers, "head": OpenSoraHead(model)}

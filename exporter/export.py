@@ -391,12 +391,12 @@ def export(opts: ExportOptions, progress=True) -> Path:
         dtype = getattr(torch, opts.dtype)
         model = loaded.transformer.to(dtype).eval()
         experts = {name: m.to(dtype).eval() for name, m in loaded.experts.items()}
-        parts = family.parts(model)
-        expert_parts = [family.parts(m) for m in experts.values()]
-        for p in (parts, *expert_parts):
-            cast_specs(p, opts.dtype)
         vae_config = family.vae_config(loaded)
         _, pipeline, _ = pipeline_facts(family, model, vae_config, loaded.source)
+        parts = family.parts(model, pipeline)
+        expert_parts = [family.parts(m, pipeline) for m in experts.values()]
+        for p in (parts, *expert_parts):
+            cast_specs(p, opts.dtype)
         dims_spec = family.dims(model, pipeline["vae_scale_factor"], opts.max_scale, pipeline=pipeline)
         generator = torch.Generator().manual_seed(opts.seed)
         bar = tqdm(total=len(parts) * (1 + len(experts)), desc="export", unit="part", disable=not progress)

@@ -406,7 +406,7 @@ def load_reference_modules(manifest: Manifest) -> dict:
     except Exception as exc:  # noqa: BLE001 - a loader failure becomes one actionable message
         raise BackendError(f"could not load the transformer weights in {folder} ({exc}); re-export the engines "
                            f"folder") from None
-    return code.part_modules(model)
+    return code.part_modules(model, manifest.pipeline)
 
 
 def make_backend(name: str, manifest: Manifest, device, **kwargs) -> Backend:

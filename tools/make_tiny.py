@@ -5,6 +5,7 @@
     python -m tools.make_tiny --model opensora --out /tmp/opensora-tiny
     python -m tools.make_tiny --model wan --out exporter/presets/wan-tiny-random
     python -m tools.make_tiny --model wan-a14b --out exporter/presets/wan-tiny-random-a14b
+    python -m tools.make_tiny --model wan-ti2v --out exporter/presets/wan-tiny-random-ti2v
 
 The same architecture classes and configuration keys as the released checkpoints (CogVideoX-2B:
 sin-cos positions and CogVideoXDDIM; CogVideoX-5B: rotary positions and CogVideoXDPM; Open-Sora
@@ -128,7 +129,26 @@ def wan_components(seed: int = 0, layers: int = 4) -> dict:
             "scheduler": scheduler}
 
 
-def make_wan(out: Path, seed: int = 0, experts: bool = False) -> Path:
+def wan_ti2v_components(seed: int = 0, layers: int = 4) -> dict:
+    """Wan 2.2 TI2V-5B's layout: the Wan 2.2 VAE (residual, 2x2 pixel patchify in front: 16x spatial,
+    4x temporal) and per-token timesteps (the pipeline's ``expand_timesteps``)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+
+    components = wan_components(seed, layers)
+    torch.manual_seed(seed + 1)
+    z = 4
+    components["vae"] = AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=8, z_dim=z, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+        temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+        scale_factor_spatial=16, scale_factor_temporal=4, latents_mean=[0.1, -0.2, 0.05, 0.3],
+        latents_std=[1.5, 0.8, 1.2, 2.0]).eval()
+    components["scheduler"] = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                      flow_shift=5.0, num_train_timesteps=1000)
+    components["expand_timesteps"] = True
+    return components
+
+
+def make_wan(out: Path, seed: int = 0, experts: bool = False, ti2v: bool = False) -> Path:
     """Wan 2.1 T2V, or with ``experts`` Wan 2.2 T2V-A14B's layout: a second transformer (the low-noise
     expert, other random weights), ``boundary_ratio`` 0.875, guidance 4.0 / 3.0 and UniPC with flow
     shift 12 as the A14B release sets them."""
@@ -136,8 +156,10 @@ def make_wan(out: Path, seed: int = 0, experts: bool = False) -> Path:
 
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
-    components = wan_components(seed)
+    components = wan_ti2v_components(seed) if ti2v else wan_components(seed)
     defaults = {**WAN_SHAPE, "max_sequence_length": WAN_TOKENS, "guidance_scale": 5.0, "num_inference_steps": 50}
+    if ti2v:
+        defaults.update(height=128, width=128)  # 16x VAE, patch 2: 3 x 4 x 4 tokens
     if experts:
         from diffusers import WanTransformer3DModel
 
@@ -165,7 +187,7 @@ def make_opensora(out: Path, seed: int = 0) -> Path:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", choices=["cogvideox", "opensora", "wan", "wan-a14b"], required=True)
+    ap.add_argument("--model", choices=["cogvideox", "opensora", "wan", "wan-a14b", "wan-ti2v"], required=True)
     ap.add_argument("--variant", choices=["2b", "5b"], default="2b", help="cogvideox: 2b (sin-cos) or 5b (rotary)")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--seed", type=int, default=0)
@@ -173,7 +195,7 @@ def main(argv=None) -> int:
     if args.model == "opensora":
         out = make_opensora(args.out, args.seed)
     elif args.model.startswith("wan"):
-        out = make_wan(args.out, args.seed, experts=args.model == "wan-a14b")
+        out = make_wan(args.out, args.seed, experts=args.model == "wan-a14b", ti2v=args.model == "wan-ti2v")
     else:
         out = make_cogvideox(args.out, args.variant, args.seed)
     print(f"wrote {out}")

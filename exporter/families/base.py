@@ -118,7 +118,9 @@ class Family:
     def load(self, model_path: str) -> LoadedModel:
         raise NotImplementedError
 
-    def parts(self, model) -> list[PartSpec]:
+    def parts(self, model, pipeline: dict | None = None) -> list[PartSpec]:
+        """The parts of ``model``; ``pipeline``: the export's pipeline facts (options the model's
+        pipeline sets, e.g. Wan 2.2 TI2V's per-token timesteps), None = the family's defaults."""
         raise NotImplementedError
 
     def dims(self, model, vae_scale_factor: int, max_scale: int = 2, pipeline: dict | None = None) -> dict:

@@ -109,7 +109,7 @@ class CogVideoXFamily(Family):
             raise ModelError(f"{model_path}: {exc}") from None
         return loaded
 
-    def parts(self, model) -> list[PartSpec]:
+    def parts(self, model, pipeline: dict | None = None) -> list[PartSpec]:
         return parts(model)
 
     def dims(self, model, vae_scale_factor: int, max_scale: int = 2, pipeline: dict | None = None) -> dict:

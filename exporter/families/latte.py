@@ -27,7 +27,7 @@ class LatteFamily(Family):
 
         return load_components(self, model_path, LatteTransformer3DModel)
 
-    def parts(self, model) -> list[PartSpec]:
+    def parts(self, model, pipeline: dict | None = None) -> list[PartSpec]:
         cfg = model.config
         modules = model_code.part_modules(model)
         d = cfg.num_attention_heads * cfg.attention_head_dim

@@ -109,7 +109,7 @@ class OpenSoraFamily(Family):
 
         return OpenSoraVAEConfig.from_dict(loaded.components["vae"].config).to_dict()
 
-    def parts(self, model) -> list[PartSpec]:
+    def parts(self, model, pipeline: dict | None = None) -> list[PartSpec]:
         return parts(model)
 
     def dims(self, model, vae_scale_factor: int, max_scale: int = 2, pipeline: dict | None = None) -> dict:

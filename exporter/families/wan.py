@@ -9,8 +9,10 @@ Wan 2.2 A14B's second transformer (``transformer_2``, the low-noise expert WanPi
 to below ``boundary_ratio * num_train_timesteps``) is exported as the folder's second expert: the
 same parts in other files (docs/engines-format.md §10).
 
-Not supported yet, refused by name: per-token timesteps (``expand_timesteps``, TI2V-5B) and image
-conditioning (I2V).
+Wan 2.2 TI2V-5B's per-token timesteps (``expand_timesteps``) make the stem's ``timestep`` input one
+value per token on the grid ``(B, F, h, w)`` and its timestep embedding and projection per token.
+
+Not supported, refused by name: image conditioning (I2V).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from .base import Family, IOSpec, PartSpec, load_components
 
 PRESETS = {"tiny-random": Path(__file__).resolve().parent.parent / "presets" / "wan-tiny-random",
            # Wan 2.2 T2V-A14B's layout (two experts, boundary_ratio, UniPC): random weights
-           "tiny-random-a14b": Path(__file__).resolve().parent.parent / "presets" / "wan-tiny-random-a14b"}
+           "tiny-random-a14b": Path(__file__).resolve().parent.parent / "presets" / "wan-tiny-random-a14b",
+           # Wan 2.2 TI2V-5B's layout (per-token timesteps, the Wan 2.2 VAE): random weights
+           "tiny-random-ti2v": Path(__file__).resolve().parent.parent / "presets" / "wan-tiny-random-ti2v"}
 MAX_TEXT_TOKENS = 512  # WanPipeline's default max_sequence_length (UMT5)
 
 
@@ -48,8 +52,6 @@ def has_second_expert(config: dict) -> bool:
 
 
 def check_pipeline_config(model_path: str, config: dict) -> None:
-    if config.get("expand_timesteps"):
-        raise ModelError(f"{model_path}: per-token timesteps (expand_timesteps, Wan 2.2 TI2V) are not supported yet")
     ratio = config.get("boundary_ratio")
     if ratio is not None and not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio < 1):
         raise ModelError(f"{model_path}: boundary_ratio {ratio!r} in model_index.json is not a number in (0, 1)")
@@ -70,22 +72,25 @@ def check_supported(model_path: str, transformer, transformer_2=None) -> None:
                              f"experts must share one architecture")
 
 
-def parts(model) -> list[PartSpec]:
+def parts(model, pipeline: dict | None = None) -> list[PartSpec]:
+    """The parts; with ``pipeline["expand_timesteps"]`` (TI2V) timesteps and their embeddings per token."""
     cfg = model.config
-    modules = model_code.part_modules(model)
+    modules = model_code.part_modules(model, pipeline)
+    per_token = modules["stem"].per_token
     d = cfg.num_attention_heads * cfg.attention_head_dim
     hidden, text = ["B", "F", "h", "w", d], ["B", "T", d]
+    grid = ["B", "F", "h", "w"] if per_token else ["B"]  # where a timestep (embedding) applies
+    temb, proj = IOSpec("temb", [*grid, d]), IOSpec("timestep_proj", [*grid, 6, d])
     stem = PartSpec("stem", modules["stem"],
                     inputs=[IOSpec("latents", ["B", cfg.in_channels, "F", "H", "W"]),
-                            IOSpec("timestep", ["B"], low=0.0, high=1000.0, fixed_dtype=True),
+                            IOSpec("timestep", grid, low=0.0, high=1000.0, fixed_dtype=True),
                             IOSpec("encoder_hidden_states", ["B", "T", cfg.text_dim])],
-                    outputs=[IOSpec("hidden", hidden), IOSpec("text", text), IOSpec("temb", ["B", d]),
-                             IOSpec("timestep_proj", ["B", 6, d])])
+                    outputs=[IOSpec("hidden", hidden), IOSpec("text", text), temb, proj])
     layers = [PartSpec(f"layer_{i:03d}", modules[f"layer_{i:03d}"],
-                       inputs=[IOSpec("hidden", hidden), IOSpec("text", text), IOSpec("timestep_proj", ["B", 6, d])],
+                       inputs=[IOSpec("hidden", hidden), IOSpec("text", text), proj],
                        outputs=[IOSpec("hidden_out", hidden)])
               for i in range(cfg.num_layers)]
-    head = PartSpec("head", modules["head"], inputs=[IOSpec("hidden", hidden), IOSpec("temb", ["B", d])],
+    head = PartSpec("head", modules["head"], inputs=[IOSpec("hidden", hidden), temb],
                     outputs=[IOSpec("noise_pred", ["B", cfg.out_channels, "F", "H", "W"])])
     return [stem, *layers, head]
 
@@ -120,12 +125,16 @@ class WanFamily(Family):
         return loaded
 
     def checkpoint_facts(self, source: str) -> dict:
-        """Wan 2.2 A14B: the second expert runs the steps with ``t < boundary_ratio * num_train_timesteps``."""
+        """Wan 2.2 A14B: the second expert runs the steps with ``t < boundary_ratio * num_train_timesteps``;
+        TI2V: per-token timesteps."""
         config = pipeline_config(source)
-        return {"boundary_ratio": float(config["boundary_ratio"])} if has_second_expert(config) else {}
+        facts = {"boundary_ratio": float(config["boundary_ratio"])} if has_second_expert(config) else {}
+        if config.get("expand_timesteps"):  # TI2V: one timestep per token (text-to-video: all equal)
+            facts["expand_timesteps"] = True
+        return facts
 
-    def parts(self, model) -> list[PartSpec]:
-        return parts(model)
+    def parts(self, model, pipeline: dict | None = None) -> list[PartSpec]:
+        return parts(model, pipeline)
 
     def dims(self, model, vae_scale_factor: int, max_scale: int = 2, pipeline: dict | None = None) -> dict:
         """The pipeline's default video is the opt shape, up to ``max_scale`` times its size; CFG

@@ -33,7 +33,8 @@ class WanSampler(Sampler):
     def fill(self, stem_in: dict, latents: torch.Tensor, i: int) -> None:
         model_input = torch.cat([latents] * 2) if self.guidance_scale is not None else latents
         stem_in["latents"].copy_(model_input)
-        stem_in["timestep"].copy_(self.timesteps[i].expand(stem_in["timestep"].shape[0]))
+        # ``(B,)``, or per token ``(B, F, h, w)`` (TI2V's expand_timesteps: text-to-video gives every token t)
+        stem_in["timestep"].copy_(self.timesteps[i].expand(stem_in["timestep"].shape))
 
     def step(self, noise_pred: torch.Tensor, i: int, latents: torch.Tensor) -> torch.Tensor:
         if self.guidance_scale is not None:

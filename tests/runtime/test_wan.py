@@ -108,18 +108,19 @@ def test_frame_counts_the_vae_cannot_make_are_refused(runtimes):
         runtimes["torch"].generate(PROMPT, num_frames=8, num_inference_steps=2, decode=False)
 
 
-@pytest.mark.parametrize("change, words", [
-    (lambda d: d.update(boundary_ratio=1.5), "not a number in"),
-    (lambda d: d.update(expand_timesteps=True), "per-token timesteps"),
+@pytest.mark.parametrize("file, change, words", [
+    ("model_index.json", lambda d: d.update(boundary_ratio=1.5), "not a number in"),
+    ("model_index.json", lambda d: d.update(boundary_ratio=True), "not a number in"),
+    ("transformer/config.json", lambda d: d.update(image_dim=64), "image-conditioned"),
 ])
-def test_unsupported_wan_variants_are_refused_by_name(tmp_path, change, words):
+def test_unsupported_wan_variants_are_refused_by_name(tmp_path, file, change, words):
     from dit.errors import ModelError
 
     folder = tmp_path / "ckpt"
     shutil.copytree(PRESET, folder)
-    index = json.loads((folder / "model_index.json").read_text())
-    change(index)
-    (folder / "model_index.json").write_text(json.dumps(index))
+    data = json.loads((folder / file).read_text())
+    change(data)
+    (folder / file).write_text(json.dumps(data))
     with pytest.raises(ModelError, match=words):
         get_family("wan").load(str(folder))
 
