@@ -9,7 +9,8 @@ at the top), steps along x. Each cell is one of:
   on a log scale;
 * computed but not measured (every step of policy ``none``): a pale neutral colour.
 
-A strip below shows the share of layers computed per step, with measuring steps marked.
+A strip below shows the share of layers computed per step, with measuring steps marked. In a run
+of several stages (a model that switches experts) a black line marks where each stage begins.
 """
 
 from __future__ import annotations
@@ -146,6 +147,9 @@ def plot_reuse_heatmap(trace: dict, path, title: str | None = None, outputs: Out
     # Thin white separators between steps keep columns countable when cells are small.
     if num_steps <= 120:
         ax.vlines(np.arange(num_steps - 1) + 0.5, -0.5, num_layers - 0.5, colors="white", linewidths=0.4)
+    for start in trace.get("stages", [0])[1:]:  # where another expert takes over: a fresh run of the policy
+        ax.axvline(start - 0.5, color="black", linewidth=1.6)
+        ax.text(start - 0.4, -0.6, "expert switch", fontsize=7, va="bottom")
 
     measured = bool((status == _MEASURED).any())
     if measured:

@@ -57,3 +57,14 @@ def aoti_engines_dir(tmp_path_factory) -> Path:
     assert export_main(["--model", "cogvideox", "--preset", "tiny", "--backend", "aoti", "--device", "cpu",
                         "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def wan_engines_dir(tmp_path_factory) -> Path:
+    """The random-weight tiny Wan 2.1 (``--model wan --preset tiny-random``) exported once; tests must not
+    modify it."""
+    from exporter.export import ExportOptions, export
+
+    out = tmp_path_factory.mktemp("engines") / "wan-tiny-random"
+    export(ExportOptions(model="wan", preset="tiny-random", out=out), progress=False)
+    return out

@@ -167,15 +167,19 @@ class Config:
 
 
 class StepClock:
-    """What LattePipeline does not give diffusers' cache hooks, added with torch forward hooks on the
+    """What a pipeline does not give diffusers' cache hooks, added with torch forward hooks on the
     transformer (they fire outside any diffusers hook on the same module):
-    - a ``cache_context("cfg")`` around each call (FirstBlockCache, MagCache and TaylorSeer keep their
-      state per context; Latte runs both CFG branches in one batched call, hence one context);
+    - with ``open_context`` (LattePipeline, which has none of its own), a ``cache_context("cfg")``
+      around each call (FirstBlockCache, MagCache and TaylorSeer keep their state per context; Latte
+      runs both CFG branches in one batched call, hence one context). CogVideoXPipeline
+      (``"cond_uncond"``) and WanPipeline (``"cond"`` and ``"uncond"``, one per CFG pass) open their own,
+      which are kept;
     - the call's ``timestep`` argument, returned by calling the clock: PAB's and FasterCache's
       ``current_timestep_callback``.
     """
 
-    def __init__(self):
+    def __init__(self, open_context: bool = True):
+        self.open_context = open_context
         self.timestep: float | None = None
         self._context = None
         self._handles = []
@@ -195,8 +199,9 @@ class StepClock:
     def _before(self, module, args, kwargs):
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         self.timestep = float(t.flatten()[0]) if hasattr(t, "flatten") else t
-        self._context = module.cache_context("cfg")
-        self._context.__enter__()
+        if self.open_context:
+            self._context = module.cache_context("cfg")
+            self._context.__enter__()
 
     def _after(self, module, args, kwargs, output):
         if self._context is not None:
@@ -353,7 +358,10 @@ def cache_configs(methods, runner, steps: int, clock: StepClock, dtype, prompt: 
     for method in (m for m in CACHES if m in methods):
         cls = getattr(diffusers, CACHE_CLASSES[method], None)
         extra, reason = {}, None
-        if cls is None:
+        if isinstance(runner, harness.OpenSoraReferenceRunner):
+            reason = ("not applicable: Open-Sora 1.2 has no diffusers pipeline or transformer, so diffusers' caches "
+                      "do not exist for it (the baseline is this project's eager reference pipeline)")
+        elif cls is None:
             reason = f"not applicable: diffusers {diffusers.__version__} has no {CACHE_CLASSES[method]}"
         elif not hasattr(transformer, "enable_cache"):
             reason = f"not applicable: {type(transformer).__name__} has no enable_cache (no CacheMixin)"
@@ -620,7 +628,7 @@ def _float_list(text: str) -> list[float]:
 
 
 def load_model(args, engines: Path | None):
-    """(diffusers runner, runtime loader, manifest, dtype) for ``--size``."""
+    """(baseline runner, runtime loader, manifest, dtype, whether the clock opens cache contexts) for ``--size``."""
     import torch
 
     if args.size == "shipped":
@@ -629,16 +637,14 @@ def load_model(args, engines: Path | None):
         from runtime.manifest import load_manifest
 
         manifest = load_manifest(engines)
-        pipeline_class = get_family(manifest.family).pipeline_class
-        if pipeline_class != "LattePipeline":  # DiffusersRunner drives LattePipeline's call signature
-            raise ConfigError(f"{pipeline_class} has no runner in tools/harness.py yet: add one there")
-        runner = harness.DiffusersRunner.load(manifest.source["checkpoint"], manifest, args.device)
+        # LattePipeline, CogVideoXPipeline, WanPipeline; Open-Sora: our eager reference (no diffusers pipeline)
+        runner = harness.baseline_runner(manifest.source["checkpoint"], manifest, args.device)
         extra = {"threads": args.threads} if args.threads else {}
 
         def load(backend):
             return Runtime.load(engines, backend=backend, device=args.device,
                                 **(extra if backend == "onnxruntime" else {}))
-        return runner, load, manifest, torch.float32
+        return runner, load, manifest, torch.float32, get_family(manifest.family).pipeline_class == "LattePipeline"
 
     from diffusers import LattePipeline
 
@@ -658,7 +664,7 @@ def load_model(args, engines: Path | None):
         if backend != "torch":
             raise BackendError(f"--size {args.size} is built in memory: only the torch backend runs it")
         return rt
-    return runner, load, rt.manifest, dtype
+    return runner, load, rt.manifest, dtype, True
 
 
 def run_compare(args, command: str) -> dict:
@@ -688,7 +694,7 @@ def _compare(args, command: str) -> dict:
     prompts = held_out_prompts(args.prompts, PROMPT_SEED)
     diffusers_log = DiffusersWarnings()
     with diffusers_log.installed():
-        runner, load, manifest, dtype = load_model(args, engines)
+        runner, load, manifest, dtype, open_context = load_model(args, engines)
         machine = harness.machine_info(args.device)
         if args.threads:
             machine["onnxruntime_intra_op_threads"] = args.threads
@@ -697,7 +703,7 @@ def _compare(args, command: str) -> dict:
         if not args.threads and load_now and load_now[0] > 0.5 * machine["cpus_usable"]:
             log("hint: on a machine shared with another job, --threads 1 keeps thread pools from spinning on busy "
                 "cores (which slows runs many times over)")
-        clock = StepClock()
+        clock = StepClock(open_context)
         configs = [Config(BASELINE, BASELINE, {}, diffusers_run(runner, args.steps, clock))]
         configs += cache_configs(methods, runner, args.steps, clock, dtype, prompts[0], args.seed)
         configs += runtime_configs([p for p in POLICIES if p in methods], args.backends, load, args.steps,

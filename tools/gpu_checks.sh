@@ -9,6 +9,7 @@
 #   pytest.txt           CUDA conformance (torch fp32/bf16/fp16), runtime on CUDA vs CPU, CUDA graphs, syncs per step,
 #                        AOTInductor packages compiled for CUDA vs torch on CUDA (with and without CUDA graphs)
 #   demo.gif, reuse.png, stats.json   foresight-run of the shipped preset on the GPU (aoti backend, CUDA graphs)
+#   wan-a14b.gif, wan-a14b-stats.json the two-expert Wan 2.2 layout on CUDA packages (stages, experts per step)
 #   tensorrt.txt         what a machine with TensorRT must run (run here when tensorrt is importable)
 # Packages missing there (diffusers) travel as wheels in .whl/ (see the device notes in the README).
 set -uo pipefail
@@ -48,6 +49,12 @@ timeout 150 export_cli --model latte --preset tiny --out "$ENG/latte-tiny-aoti" 
     --overwrite 2>&1 | grep -v "it/s" | tail -12
 timeout 60 run_cli --engines "$ENG/latte-tiny-aoti" --backend aoti --device cuda --cuda-graphs --prompt "$PROMPT" \
     --out "$OUT/demo.gif" --heatmap "$OUT/reuse.png" --stats "$OUT/stats.json" 2>&1 | tail -5
+
+echo "== 4b. Wan 2.2 A14B (two experts, shared programs) with AOTInductor packages for CUDA"
+timeout 150 export_cli --model wan --preset tiny-random-a14b --out "$ENG/wan-a14b-aoti" --backend aoti --device cuda \
+    --overwrite 2>&1 | grep -v "it/s" | grep "compiled\|reused\|wrote\|error" | tail -8
+timeout 60 run_cli --engines "$ENG/wan-a14b-aoti" --backend aoti --device cuda --steps 10 --prompt "$PROMPT" \
+    --out "$OUT/wan-a14b.gif" --stats "$OUT/wan-a14b-stats.json" --quiet 2>&1 | tail -3
 ls -la "$OUT"
 
 echo "== 5. TensorRT"

@@ -111,6 +111,9 @@ def baseline_kwargs(manifest) -> tuple[str, dict]:
     if family == "cogvideox":
         return "CogVideoXPipeline", dict(size, num_frames=d["frames"], max_sequence_length=p["max_text_length"],
                                          use_dynamic_cfg=p.get("use_dynamic_cfg", False))
+    if family == "wan":
+        extra = {"guidance_scale_2": p.get("default_guidance_2") or d["guidance_scale"]} if manifest.experts else {}
+        return "WanPipeline", dict(size, num_frames=d["frames"], max_sequence_length=p["max_text_length"], **extra)
     raise ManifestError(f"the benchmark has no diffusers baseline for {family!r} models")
 
 
@@ -146,8 +149,8 @@ class Stopwatch:
 
 
 class DiffusersRunner(Stopwatch):
-    """A diffusers pipeline (``LattePipeline``, ``CogVideoXPipeline``) eager, called with ``call_kwargs``
-    and timed around its denoising loop: both open ``with self.progress_bar(total=...)`` around exactly
+    """A diffusers pipeline (``LattePipeline``, ``CogVideoXPipeline``, ``WanPipeline``) eager, called with
+    ``call_kwargs`` and timed around its denoising loop: both open ``with self.progress_bar(total=...)`` around exactly
     that loop, so the runner gives the pipeline a progress bar that runs ``window()`` (tqdm disabled)."""
 
     def __init__(self, pipe, call_kwargs: dict, device: str):

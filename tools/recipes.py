@@ -244,3 +244,84 @@ def opensora(args, clips: np.ndarray, prompts: list[str], log: list):
     pipe = OpenSoraPipeline(transformer, vae, text_encoder, tokenizer, sampler,
                             defaults={"num_frames": args.frames, "height": args.size, "width": args.size})
     return pipe, final
+
+
+WAN_TEXT_TOKENS = 16  # WanPipeline's max_sequence_length for the tiny model: 9 words + </s> fit
+
+
+def wan(args, clips: np.ndarray, prompts: list[str], log: list):
+    """Returns the WanPipeline (UMT5, AutoencoderKLWan, WanTransformer3DModel, FlowMatchEuler).
+
+    The VAE is Wan's causal 3D one at 4x in space and time (9 frames of 32x32 -> 3 latent frames of
+    8x8); its latents are normalised per channel with the ``latents_mean`` / ``latents_std`` it stores,
+    as WanPipeline de-normalises them. The transformer (patch 1x1x1) learns flow matching as
+    FlowMatchEulerDiscreteScheduler samples it: ``x_t = (1 - s) x0 + s eps`` at timestep ``1000 s``,
+    target ``eps - x0``. Prompts are encoded as WanPipeline encodes them (padded to
+    ``WAN_TEXT_TOKENS`` with their mask, the padding's embeddings zeroed); dropped prompts are "" (its
+    default negative prompt)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(args.seed)
+    vae = AutoencoderKLWan(base_dim=16, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[True, True], scale_factor_spatial=4, scale_factor_temporal=4,
+                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+
+    def vae_loss(step):
+        x = videos(clips, torch.randint(0, len(clips), (args.vae_batch,), generator=gen).numpy())
+        return kl_vae_loss(vae, x, gen, args.kl_weight)
+
+    vae.train()
+    _optimise(list(vae.parameters()), args.vae_steps, args.vae_lr, "vae", vae_loss, log, "recon")
+    vae.eval()
+    with torch.no_grad():
+        raw = torch.cat([vae.encode(videos(clips, np.arange(i, min(i + 32, len(clips))))).latent_dist.mode()
+                         for i in range(0, len(clips), 32)])  # (N, C, F', h, w)
+        mean, std = raw.mean(dim=(0, 2, 3, 4)), raw.std(dim=(0, 2, 3, 4))
+        vae.register_to_config(latents_mean=[round(v, 6) for v in mean.tolist()],
+                               latents_std=[round(v, 6) for v in std.tolist()])
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+        latents = (raw - mean) / std
+    print(f"vae done: latents {tuple(latents.shape)}, mean {vae.config.latents_mean}, std {vae.config.latents_std}")
+
+    tokenizer = word_tokenizer(synthetic.vocabulary())
+    tokenizer.model_max_length = WAN_TEXT_TOKENS
+    torch.manual_seed(args.seed + 2)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False))
+    torch.manual_seed(args.seed + 3)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 1, 1), num_attention_heads=args.hidden // 16, attention_head_dim=16, in_channels=4,
+        out_channels=4, text_dim=TEXT_DIM, freq_dim=64, ffn_dim=4 * args.hidden, num_layers=args.layers,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
+    # At 32 px a high-noise shift (Wan's 3-5 for 480p-720p) would spend most steps where the tiny model has
+    # nothing left to decide: trained on uniform noise levels and sampled without a shift.
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    tok = tokenizer(prompts + [""], padding="max_length", max_length=WAN_TEXT_TOKENS, truncation=True,
+                    return_attention_mask=True, return_tensors="pt")
+    ids, mask = tok.input_ids, tok.attention_mask
+    empty = len(prompts)
+    gen = torch.Generator().manual_seed(args.seed + 4)
+    subset = curriculum_indices(prompts) if args.curriculum else None
+
+    def loss(step):
+        idx = draw_clips(step, args, subset, len(latents), gen)
+        text_idx = torch.where(torch.rand(args.batch, generator=gen) < args.cond_dropout, empty, idx)
+        x0 = latents[idx]
+        noise = torch.randn(x0.shape, generator=gen)
+        s = skew_noise(torch.rand(args.batch, generator=gen), skew_at(step, args))
+        xt = (1 - s.view(-1, 1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1, 1) * noise
+        m = mask[text_idx]
+        emb = text_encoder(ids[text_idx], m).last_hidden_state * m.unsqueeze(-1)  # WanPipeline zeroes the padding
+        pred = transformer(hidden_states=xt, timestep=s * 1000, encoder_hidden_states=emb).sample
+        value = F.mse_loss(pred, noise - x0)
+        return value, {"loss": value.item()}
+
+    final = train_jointly(transformer, text_encoder, args, loss, log)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=scheduler)
+    return pipe, final

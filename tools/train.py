@@ -19,7 +19,7 @@ The result is saved in diffusers ``LattePipeline`` layout (what ``from_pretraine
 ``foresight-export --model-path`` load), plus ``training.json`` (arguments, loss curve,
 seconds) and ``defaults.json`` (the model's Foresight defaults, picked with
 ``tools/sweep.py``, and its guidance scale, passed here with ``--foresight`` / ``--guidance``). ``--model
-cogvideox`` / ``--model opensora`` train those architectures on the same domain with the recipes in
+cogvideox`` / ``--model opensora`` / ``--model wan`` train those architectures on the same domain with the recipes in
 ``tools/recipes.py`` (their own VAE classes and sampler objectives), saved in the layouts
 ``foresight-export`` loads.
 """
@@ -184,6 +184,7 @@ def write_meta(folder: Path, meta: dict) -> None:
     (folder / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
     defaults = {k: v for k, v in (("foresight", meta.get("foresight")), ("guidance_scale", meta.get("guidance")))
                 if v is not None}
+    defaults.update(meta.get("pipeline_defaults") or {})
     if defaults:  # read by foresight-export into the manifest (merged with what the pipeline wrote)
         path = folder / "defaults.json"
         defaults = {**(json.loads(path.read_text()) if path.is_file() else {}), **defaults}
@@ -192,7 +193,7 @@ def write_meta(folder: Path, meta: dict) -> None:
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="latte", choices=["latte", "cogvideox", "opensora"],
+    ap.add_argument("--model", default="latte", choices=["latte", "cogvideox", "opensora", "wan"],
                     help="latte (the default; recipe here) or cogvideox / opensora (tools/recipes.py)")
     ap.add_argument("--out", type=Path, default=None, help="default exporter/presets/<model>-tiny")
     ap.add_argument("--seed", type=int, default=0)
@@ -201,7 +202,8 @@ def parse_args(argv=None):
                     help="how clips move (tools/synthetic.py): anywhere = any start, 1.2-2.0 px/frame; cross = the "
                          "object crosses 60-100%% of the frame, so the direction decides where it starts and ends")
     ap.add_argument("--frames", type=int, default=None,
-                    help="frames per clip (default: latte 8; cogvideox 9 = 3 latent frames; opensora 17 = one VAE chunk)")
+                    help="frames per clip (default: latte 8; cogvideox and wan 9 = 3 latent frames; opensora 17 = one "
+                         "VAE chunk)")
     ap.add_argument("--size", type=int, default=32, help="frame height and width in pixels")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--hidden", type=int, default=64)
@@ -244,12 +246,14 @@ def parse_args(argv=None):
                     help="the model's default classifier-free guidance scale (picked by evaluation)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
+    if args.vae_norm_groups is not None and args.model == "wan":
+        ap.error("--vae-norm-groups: AutoencoderKLWan normalises with RMS norms over channels, not GroupNorm")
     if args.vae_norm_groups is not None and args.vae_norm_groups < 1:
         ap.error(f"--vae-norm-groups must be >= 1 (got {args.vae_norm_groups})")
     if not 0 <= args.curriculum <= args.steps:
         ap.error(f"--curriculum must be between 0 and --steps ({args.steps}) (got {args.curriculum})")
     args.out = args.out or ROOT / "exporter" / "presets" / f"{args.model}-tiny"
-    args.frames = args.frames or {"latte": 8, "cogvideox": 9, "opensora": 17}[args.model]
+    args.frames = args.frames or {"latte": 8, "cogvideox": 9, "opensora": 17, "wan": 9}[args.model]
     return args
 
 
@@ -285,6 +289,10 @@ def main(argv=None) -> dict:
         from tools import recipes
 
         pipe, _ = getattr(recipes, args.model)(args, clips, prompts, log)
+    # What the exporter must know of a pipeline whose defaults are a release's (WanPipeline: 81 frames of
+    # 480x832, prompts padded to 512 tokens): the trained shape and text length.
+    pipeline_defaults = {"num_frames": args.frames, "height": args.size, "width": args.size,
+                         "max_sequence_length": recipes.WAN_TEXT_TOKENS} if args.model == "wan" else None
     seconds = time.perf_counter() - t0
     meta = {
         "command": command_line("train", argv),
@@ -296,6 +304,7 @@ def main(argv=None) -> dict:
         "log": log,
         "foresight": args.foresight,
         "guidance": args.guidance,
+        "pipeline_defaults": pipeline_defaults,
     }
     save_pipeline(pipe, args.out, partial(write_meta, meta=meta))
     print(f"saved {args.out} after {seconds / 60:.1f} min (final smoothed loss {meta['final_loss']:.4f})",

@@ -54,6 +54,14 @@ def test_reuse_changes_the_picture(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["full.png", "reuse.png"]
 
 
+def test_an_expert_switch_is_marked(tmp_path):
+    one = read_png(plot_reuse_heatmap(make_trace(num_steps=12), tmp_path / "one.png"))
+    two = read_png(plot_reuse_heatmap({**make_trace(num_steps=12), "stages": [0, 7]}, tmp_path / "two.png"))
+    assert one.shape == two.shape
+    dark = lambda im: (im[..., :3].astype(int).sum(axis=-1) < 60).sum()  # noqa: E731
+    assert dark(two) > dark(one)
+
+
 def test_policy_none(tmp_path):
     read_png(plot_reuse_heatmap(make_trace(policy="none", reuse=False), tmp_path / "none.png", title="baseline"))
 

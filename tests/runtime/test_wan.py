@@ -20,12 +20,8 @@ PRESET = get_family("wan").presets["tiny-random"]
 
 
 @pytest.fixture(scope="module")
-def wan_engines(tmp_path_factory):
-    from exporter.export import ExportOptions, export
-
-    out = tmp_path_factory.mktemp("engines") / "wan-tiny-random"
-    export(ExportOptions(model="wan", preset="tiny-random", out=out), progress=False)
-    return out
+def wan_engines(wan_engines_dir):
+    return wan_engines_dir
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import tools.compare as cmp
+from tools import harness
 from tools.evaluate import score_clip
 from tools.metrics import SSIM_K1
 from tools.synthetic import MOTION, ClipSpec, parse_prompt, render
@@ -157,6 +158,40 @@ def test_diffusers_caches_are_wired_or_reported(engines_dir, outputs, monkeypatc
     for method in ("fbc", "magcache"):  # fail on Latte's interleaved spatial/temporal blocks (diffusers 0.42)
         r = by[method]
         assert r["status"] == "ok" or r["reason"], r
+
+
+@pytest.mark.parametrize("model", ["cogvideox", "wan"])
+def test_cogvideox_and_wan_pipelines_run_the_caches_in_their_own_cache_contexts(request, model, outputs,
+                                                                                 monkeypatch):
+    # CogVideoXPipeline and WanPipeline open cache_context themselves ("cond_uncond"; "cond" and "uncond" per
+    # CFG pass): the clock must not open another, and First Block Cache then runs on their one block stack.
+    engines = request.getfixturevalue("aoti_engines_dir" if model == "cogvideox" else "wan_engines_dir")
+    for method, settings in cmp.CACHE_SETTINGS.items():
+        monkeypatch.setitem(cmp.CACHE_SETTINGS, method, settings[-1:])  # the most aggressive setting
+    opened = []
+    real = cmp.StepClock.__init__
+
+    def spy(self, open_context=True):
+        opened.append(open_context)
+        real(self, open_context)
+
+    monkeypatch.setattr(cmp.StepClock, "__init__", spy)
+    report = run(engines, outputs, "--steps", "4", "--methods", "fbc,pab,none", "--backends", "onnxruntime")
+    assert opened == [False]
+    by = {r["config"]: r for r in report["results"]}
+    assert set(by) == {"diffusers", "fbc/t0.2", "pab/s4-t6-c8", "onnxruntime/none"}
+    for name in ("fbc/t0.2", "pab/s4-t6-c8"):
+        assert by[name]["status"] == "ok", by[name]["reason"]
+    assert by["onnxruntime/none"]["psnr"] == "inf" or by["onnxruntime/none"]["psnr"] > 40
+    assert by["diffusers"]["skipped_unit"] == "blocks"
+
+
+def test_open_sora_has_no_diffusers_caches_and_says_so():
+    runner = object.__new__(harness.OpenSoraReferenceRunner)
+    runner.pipe = type("Pipe", (), {"transformer": object()})()
+    configs = cmp.cache_configs(cmp.CACHES, runner, 4, cmp.StepClock(False), None, "a prompt", 0)
+    assert {c.method for c in configs} == set(cmp.CACHES)
+    assert all(c.run is None and "Open-Sora 1.2 has no diffusers pipeline" in c.error for c in configs)
 
 
 def test_bad_arguments_end_with_an_error(capsys):
