@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     harness.add_engines_arg(ap)
     ap.add_argument("--checkpoint", default=None,
-                    help="diffusers checkpoint for the baseline and the torch backend (default: the manifest's source)")
+                    help="diffusers checkpoint for the baseline (default: the manifest's source; the runtime's "
+                         "backends, torch included, read only the engines folder)")
     ap.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per configuration after one warm-up (default 3)")
     ap.add_argument("--prompt", default=harness.DEFAULT_PROMPT)
@@ -138,8 +139,7 @@ def run_benchmark(args, command: str) -> dict:
     configs = [Config(BASELINE)]
     runtimes = {}
     for backend in args.backends:
-        kwargs = {"checkpoint": args.checkpoint} if backend == "torch" and args.checkpoint else {}
-        runtimes[backend] = Runtime.load(engines, backend=backend, device=args.device, **kwargs)
+        runtimes[backend] = Runtime.load(engines, backend=backend, device=args.device)  # reads only the folder
         for policy in args.policies:
             name = f"{backend}/{policy}"
             configs.append(Config(name, backend, policy))

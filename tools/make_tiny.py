@@ -156,7 +156,8 @@ def make_wan(out: Path, seed: int = 0, experts: bool = False, ti2v: bool = False
 
     from diffusers import UniPCMultistepScheduler, WanPipeline
 
-    components = wan_ti2v_components(seed) if ti2v else wan_components(seed)
+    # The two-expert layout with 2 layers per expert: its tests export both experts, twice the parts.
+    components = wan_ti2v_components(seed) if ti2v else wan_components(seed, layers=2 if experts else 4)
     defaults = {**WAN_SHAPE, "max_sequence_length": WAN_TOKENS, "guidance_scale": 5.0, "num_inference_steps": 50}
     if ti2v:
         defaults.update(height=128, width=128)  # 16x VAE, patch 2: 3 x 4 x 4 tokens

@@ -125,8 +125,8 @@ def test_synthetic_foresight_goldens_hold_every_kind_of_free_step():
     # Free steps (calibrated, not forced to recompute) must show all three outcomes of the
     # deepest-reusable-layer rule, or the goldens would pin too little.
     kinds = set()
-    for model in make_synthetic.MODELS:
-        trace = load_trace((GOLDEN / f"synthetic-{model}-foresight.json").read_text())
+    for name in [f"synthetic-{m}-foresight" for m in make_synthetic.MODELS] + ["synthetic-latte-foresight-reference"]:
+        trace = load_trace((GOLDEN / f"{name}.json").read_text())
         L, R = trace["num_layers"], trace["config"]["recalculate"]
         for s in trace["steps"]:
             if s["thresholds"] is not None and s["step"] % R:

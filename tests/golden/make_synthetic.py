@@ -4,7 +4,10 @@ For each shipped tiny model and each policy, a fresh controller is fed a synthet
 its trace is written to ``tests/golden/synthetic-<model>-<policy>.json``. The shapes are
 the presets': layers from ``exporter/presets/<model>-tiny/transformer/config.json``, probes
 2 for the spatial+temporal models, 1 for CogVideoX, the paper's 50/50/30 steps; Foresight
-runs at the preset's ``defaults.json`` values, the other policies at their defaults.
+runs at the preset's ``defaults.json`` values, the other policies at their defaults. One more,
+``synthetic-latte-foresight-reference.json``, runs Foresight on Latte's shape at the reference
+implementation's evaluation settings (``REFERENCE``: a small threshold, so free steps that recompute
+everything appear too, whatever thresholds the presets' sweeps pick).
 
 The mse of layer l, probe p at step t of T (values drawn in (t, l, p) order, seed 0)::
 
@@ -37,6 +40,7 @@ MODELS = {
     "opensora": ("opensora-tiny", "depth", 2, 30),
 }
 SEED = 0
+REFERENCE = {"warmup": 8, "recalculate": 2, "threshold": 0.5}  # the paper's code, its evaluation scripts
 
 
 def synthetic_mse(steps: int, num_layers: int, num_probes: int, seed: int = SEED) -> list[list[list[float]]]:
@@ -68,6 +72,9 @@ def traces() -> dict[str, str]:
             options = foresight if policy == "foresight" else {}
             trace = record(policy, num_layers, num_probes, mse, **options)
             out[f"synthetic-{model}-{policy}.json"] = trace_to_json(trace)
+        if model == "latte":
+            trace = record("foresight", num_layers, num_probes, mse, **REFERENCE)
+            out["synthetic-latte-foresight-reference.json"] = trace_to_json(trace)
     return out
 
 

@@ -160,3 +160,31 @@ def test_other_architectures_train_and_export(model, groups, tmp_path):
     assert manifest["foresight_defaults"] == {"warmup": 4, "recalculate": 2, "threshold": 1.5}
     assert len(manifest["parts"]["layers"]) == 2
     assert manifest["shapes"]["frames"]["default"] == (9 if model == "cogvideox" else 17)
+
+
+def test_wan_recipe_trains_and_exports_with_its_shape_and_text_length(tmp_path):
+    """--model wan: WanPipeline's defaults are a release's (81 frames of 480x832, 512 text tokens), so the
+    recipe writes the trained shape and text length to defaults.json, which the exporter reads; the VAE's
+    latents are normalised with the per-channel mean and std it stores."""
+    from exporter.export import pipeline_facts
+    from exporter.families import get_family
+
+    out = tmp_path / "wan"
+    meta = train.main(["--model", "wan", "--out", str(out), "--clips", "24", "--vae-steps", "16", "--vae-batch", "2",
+                       "--steps", "40", "--batch", "4", "--layers", "1", "--seed", "3", "--guidance", "4.0"])
+    vae = [e["recon"] for e in meta["log"] if e["stage"] == "vae"]
+    dit = [e["loss"] for e in meta["log"] if e["stage"] == "transformer"]
+    assert statistics.mean(vae[-4:]) < statistics.mean(vae[:4])
+    assert statistics.mean(dit[-10:]) < statistics.mean(dit[:10])
+    defaults = json.loads((out / "defaults.json").read_text())
+    assert defaults == {"guidance_scale": 4.0, "num_frames": 9, "height": 32, "width": 32, "max_sequence_length": 16}
+    vae_config = json.loads((out / "vae" / "config.json").read_text())
+    assert len(vae_config["latents_std"]) == 4 and vae_config["latents_std"] != [1.0] * 4
+    family = get_family("wan")
+    loaded = family.load(str(out))  # the checkpoint loads as a released one does
+    _, pipeline, _ = pipeline_facts(family, loaded.transformer, family.vae_config(loaded), loaded.source)
+    assert (pipeline["default_frames"], pipeline["default_height"], pipeline["default_width"]) == (9, 32, 32)
+    assert pipeline["max_text_length"] == 16 and pipeline["default_guidance"] == 4.0
+    assert pipeline["vae_scale_factor"] == 4 and pipeline["vae_scale_factor_temporal"] == 4
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model", "wan", "--vae-norm-groups", "1"])
