@@ -89,6 +89,22 @@ def structure_key(module) -> str:
     return hashlib.sha256(repr((rows, tensors)).encode()).hexdigest()
 
 
+def baked_digest(module, fqns) -> str:
+    """sha256 of the part's parameters and buffers the program does not take as constants: Inductor
+    compiled their values into the code (a small bias, say), so the program computes this part only if
+    those values are exactly the ones it was built with. Names, dtypes, shapes and bytes."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in sorted(named_tensors(module).items()):
+        if name in fqns:
+            continue
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def named_tensors(module) -> dict:
     """Every parameter and buffer (persistent or not) by its dotted name: a package's constant fqns."""
     return {**dict(module.named_parameters()), **dict(module.named_buffers())}
@@ -106,6 +122,7 @@ class Program:
     members: list = field(default_factory=list)
     exported: object = None
     key: str = ""
+    baked: str = ""  # baked_digest of the values compiled into it
 
 
 def trace(part, dims_spec: dict, device, generator):
@@ -127,19 +144,31 @@ def program_key(exported, part, dims_spec: dict, ident: dict, dtype: str) -> str
 
 
 def previous_programs(old: Path | None) -> dict:
-    """``{key: path}`` of the packages an earlier export left in ``old`` (intact files only)."""
+    """``{key: [(path, baked digest or None), ...]}`` of the packages an earlier export left in ``old``
+    (intact files only)."""
     try:
         manifest = json.loads((old / MANIFEST_NAME).read_text())
         section, files = manifest.get("aoti") or {}, manifest.get("files", {})
     except (OSError, ValueError, TypeError, AttributeError):
         return {}
-    found = {}
+    found: dict[str, list] = {}
     for entry in section.get("programs", {}).values():
         path = old / entry.get("file", "")
         listed = files.get(entry.get("file"), {})
         if path.is_file() and listed.get("sha256") == sha256_file(path):
-            found[entry.get("key")] = path
+            found.setdefault(entry.get("key"), []).append((path, entry.get("baked")))
     return found
+
+
+def compile_program(program, first, file: Path) -> None:
+    import torch
+
+    configs = {**INDUCTOR_CONFIGS, "aot_inductor.metadata": {
+        "foresight.part": program.name, "foresight.io": json.dumps(io_signature(first))}}
+    try:
+        torch._inductor.aoti_compile_and_package(program.exported, package_path=str(file), inductor_configs=configs)
+    except Exception as exc:  # noqa: BLE001 - a compiler failure becomes one message
+        raise AotiError(f"AOTInductor could not compile {program.name}: {exc}") from exc
 
 
 def validate(runner, part, dims_spec: dict, device, generator) -> list[dict]:
@@ -208,27 +237,28 @@ def build(folder: Path, parts, dims_spec: dict, device: str, dtype: str, previou
         t0 = time.perf_counter()
         program.exported = trace(first, dims_spec, dev, generator)
         program.key = program_key(program.exported, first, dims_spec, ident, dtype)
-        file = folder / FOLDER / f"{program.name}.pt2"
-        how = "reused"
-        if program.key in known:  # another expert of this export built it: its parts name that program
-            program.name = known[program.key]
-            file = folder / shared[program.name]["file"]
-        elif program.key in carried:
-            if carried[program.key].resolve() != file.resolve():
-                shutil.copy2(carried[program.key], file)
-        else:
-            configs = {**INDUCTOR_CONFIGS, "aot_inductor.metadata": {
-                "foresight.part": program.name, "foresight.io": json.dumps(io_signature(first))}}
-            try:
-                torch._inductor.aoti_compile_and_package(program.exported, package_path=str(file),
-                                                         inductor_configs=configs)
-            except Exception as exc:  # noqa: BLE001 - a compiler failure becomes one message
-                raise AotiError(f"AOTInductor could not compile {program.name}: {exc}") from exc
-            how = "compiled"
+        # A program built elsewhere (another expert's, an earlier export's) computes this group only if the
+        # values compiled into it are this group's: its baked digest must match, else it is compiled afresh.
+        candidates = [(folder / shared[known[program.key]]["file"], shared[known[program.key]].get("baked"),
+                       known[program.key])] if program.key in known else []
+        candidates += [(path, baked, None) for path, baked in carried.get(program.key, [])]
+        file, how = folder / FOLDER / f"{program.name}.pt2", "compiled"
+        for path, baked, name in candidates:
+            fqns = set(load_program(path, dev).get_constant_fqns())
+            if baked is not None and baked == baked_digest(first.module, fqns):
+                if name is not None:  # this export's other expert built it: its parts name that program
+                    program.name, file = name, path
+                elif path.resolve() != file.resolve():
+                    shutil.copy2(path, file)
+                how = "reused"
+                break
+        if how == "compiled":
+            compile_program(program, first, file)
+        program.baked = baked_digest(first.module, set(load_program(file, dev).get_constant_fqns()))
         seconds = time.perf_counter() - t0
-        if program.key not in known:
+        if program.name not in (shared or {}):
             section["programs"][program.name] = {"file": file.relative_to(folder).as_posix(), "key": program.key,
-                                                 "seconds": round(seconds, 2), "built": how}
+                                                 "baked": program.baked, "seconds": round(seconds, 2), "built": how}
         bar.write(f"  {prefix + program.name:<18} {how} in {seconds:5.1f} s, {len(program.members)} part(s)")
         exported_constants = {**program.exported.state_dict, **program.exported.constants}
         for k, part in enumerate(list(program.members)):
@@ -236,7 +266,8 @@ def build(folder: Path, parts, dims_spec: dict, device: str, dtype: str, previou
             runner = load_program(file, dev)
             tensors = exported_constants if k == 0 else named_tensors(part.module)
             missing = [f for f in runner.get_constant_fqns() if f not in tensors]
-            if missing:  # not built alike after all: give it a program of its own
+            if missing or (k and baked_digest(part.module, set(runner.get_constant_fqns())) != program.baked):
+                # not built alike after all (other constants, or other values compiled in): a program of its own
                 program.members.remove(part)
                 queue.append(Program(tag + part.name, program.structure + part.name, [part]))
                 continue

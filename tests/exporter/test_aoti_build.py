@@ -67,6 +67,41 @@ def test_reexport_reuses_unchanged_programs(aoti_engines_dir, tmp_path):
         assert sha256_file(tmp_path / entry["weights"]) == sha256_file(aoti_engines_dir / entry["weights"])
 
 
+def test_programs_with_values_compiled_in_are_reused_only_for_those_values(aoti_engines_dir, tmp_path):
+    """Inductor compiles some small parameters into the code instead of taking them as constants (the
+    CogVideoX head's proj_out.bias): a program keyed by its graph alone would then compute another
+    model's head with the old bias. Re-exporting other weights over the folder must recompile it."""
+    import torch
+
+    from exporter.aoti_build import baked_digest
+    from exporter.export import pipeline_facts
+    from exporter.families import get_family
+    from runtime.aoti import load_program
+
+    old = load_manifest(aoti_engines_dir).aoti
+    head_file = aoti_engines_dir / old["programs"][old["parts"]["head"]["program"]]["file"]
+    assert "proj_out.bias" not in load_program(head_file, "cpu").get_constant_fqns()  # what makes it matter
+
+    family = get_family("cogvideox")
+    loaded = family.load(str(family.presets["tiny"]))
+    model = loaded.transformer.eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # other weights: a fine-tune of the same architecture
+    _, pipeline, _ = pipeline_facts(family, model, family.vae_config(loaded), loaded.source)
+    dims = family.dims(model, pipeline["vae_scale_factor"], 2, pipeline=pipeline)
+    parts = family.parts(model)
+    section = build(tmp_path, parts, dims, "cpu", "float32", previous=aoti_engines_dir,
+                    generator=torch.Generator().manual_seed(0), progress=False)  # validates every part
+    built = {name: e["built"] for name, e in section["programs"].items()}
+    head = section["parts"]["head"]["program"]
+    assert built[head] == "compiled" and section["programs"][head]["baked"] != old["programs"][head]["baked"]
+    fqns = set(load_program(tmp_path / section["programs"][head]["file"], "cpu").get_constant_fqns())
+    assert section["programs"][head]["baked"] == baked_digest(parts[-1].module, fqns)
+    layer = section["parts"]["layer_001"]["program"]  # layers take every tensor as a constant: still shared
+    assert built[layer] == "reused" and section["parts"]["layer_004"]["program"] == layer
+
+
 def test_the_manifest_records_what_the_packages_need(aoti_engines_dir):
     import torch
 
