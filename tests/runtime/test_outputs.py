@@ -87,25 +87,40 @@ def test_temp_names_carry_pid_and_suffix(tmp_path):
     assert is_temp_name(seen[0])
 
 
+COMMIT_SIGNAL_SCRIPT = """
+import os, signal, sys
+from runtime import outputs
+from runtime.outputs import OutputSet, terminate_as_interrupt
+
+folder, signum = sys.argv[1], int(sys.argv[2])
+real_replace, calls = os.replace, []
+
+def replace_and_signal(src, dst):
+    if not calls:
+        signal.raise_signal(signum)
+    calls.append(dst)
+    real_replace(src, dst)
+
+outputs.os.replace = replace_and_signal
+staged = OutputSet()
+try:
+    with terminate_as_interrupt(), staged:
+        for name in ("a.mp4", "b.npy", "c.json"):
+            staged.add(os.path.join(folder, name), lambda tmp: tmp.write_text("x"))
+    print("no interrupt")
+except KeyboardInterrupt:
+    print("interrupted", len(calls), staged.committed)
+"""
+
+
 @posix_only
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_during_commit_lands_after_the_last_rename(tmp_path, monkeypatch, signum):
-    real_replace = os.replace
-    calls = []
-
-    def replace_and_signal(src, dst):
-        if not calls:
-            signal.raise_signal(signum)
-        calls.append(dst)
-        real_replace(src, dst)
-
-    monkeypatch.setattr(outputs.os, "replace", replace_and_signal)
-    staged = OutputSet()
-    with pytest.raises(KeyboardInterrupt), terminate_as_interrupt(), staged:
-        for name in ("a.mp4", "b.npy", "c.json"):
-            staged.add(tmp_path / name, lambda tmp: tmp.write_text("x"))
-    assert len(calls) == 3
-    assert staged.committed
+def test_signal_during_commit_lands_after_the_last_rename(tmp_path, signum):
+    # In a fresh interpreter: signal dispositions are process-wide state that the libraries other tests
+    # load can change (this test failed, in the full suite only, for SIGTERM; still to be explained).
+    child = subprocess.run([sys.executable, "-c", COMMIT_SIGNAL_SCRIPT, str(tmp_path), str(int(signum))],
+                           cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert child.stdout.strip() == "interrupted 3 True", child.stderr
     assert leftovers(tmp_path) == ["a.mp4", "b.npy", "c.json"]
 
 
