@@ -93,6 +93,8 @@ from runtime import outputs
 from runtime.outputs import OutputSet, terminate_as_interrupt
 
 folder, signum = sys.argv[1], int(sys.argv[2])
+# A child inherits its parent's blocked signals: start from none, as a shell-started CLI does.
+signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM])
 real_replace, calls = os.replace, []
 
 def replace_and_signal(src, dst):
@@ -116,8 +118,9 @@ except KeyboardInterrupt:
 @posix_only
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_during_commit_lands_after_the_last_rename(tmp_path, signum):
-    # In a fresh interpreter: signal dispositions are process-wide state that the libraries other tests
-    # load can change (this test failed, in the full suite only, for SIGTERM; still to be explained).
+    # In a fresh interpreter with SIGINT/SIGTERM unblocked: in the full suite something leaves SIGTERM
+    # blocked in the test process's main thread (a blocked SIGTERM reproduces the failure exactly; which
+    # module blocks it is not found yet), and a raised signal that stays pending proves nothing here.
     child = subprocess.run([sys.executable, "-c", COMMIT_SIGNAL_SCRIPT, str(tmp_path), str(int(signum))],
                            cwd=REPO, capture_output=True, text=True, timeout=60)
     assert child.stdout.strip() == "interrupted 3 True", child.stderr
