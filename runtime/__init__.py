@@ -3,6 +3,9 @@
     from runtime import Runtime
     rt = Runtime.load("engines/latte-tiny", backend="onnxruntime")
     result = rt.generate("a red ball bouncing", seed=0, policy="foresight")
+
+    from runtime import apply_foresight      # Foresight on a stock diffusers pipeline
+    handle = apply_foresight(pipe, warmup=6, recalculate=4, threshold=2.0)
 """
 
 from importlib import metadata as _metadata
@@ -19,4 +22,8 @@ def __getattr__(name):
         from . import engine
 
         return getattr(engine, name)
+    if name in ("apply_foresight", "ForesightHandle"):
+        from . import hooks
+
+        return getattr(hooks, name)
     raise AttributeError(name)

@@ -60,11 +60,25 @@ def aoti_engines_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def wan_engines_dir(tmp_path_factory) -> Path:
-    """The random-weight tiny Wan 2.1 (``--model wan --preset tiny-random``) exported once; tests must not
-    modify it."""
+def preset_engines(tmp_path_factory):
+    """``preset_engines(model, preset, backend="onnxruntime")``: that preset's engines folder, exported on first
+    use and shared by every test of the session afterwards; tests must not modify it."""
     from exporter.export import ExportOptions, export
 
-    out = tmp_path_factory.mktemp("engines") / "wan-tiny-random"
-    export(ExportOptions(model="wan", preset="tiny-random", out=out), progress=False)
-    return out
+    folders: dict[tuple, Path] = {}
+
+    def get(model: str, preset: str, backend: str = "onnxruntime") -> Path:
+        key = (model, preset, backend)
+        if key not in folders:
+            out = tmp_path_factory.mktemp("engines") / f"{model}-{preset}-{backend}"
+            export(ExportOptions(model=model, preset=preset, out=out, backend=backend), progress=False)
+            folders[key] = out
+        return folders[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def wan_engines_dir(preset_engines) -> Path:
+    """The random-weight tiny Wan 2.1 (``--model wan --preset tiny-random``)."""
+    return preset_engines("wan", "tiny-random")

@@ -15,6 +15,10 @@ Configurations, by family (``--methods`` picks families; ``diffusers`` is always
   computed) on the first prompt and seed at the same step count, and uses the ratios it prints.
   TaylorSeer gets attention patterns that allow numbered attentions (``TAYLORSEER_ATTENTION``):
   its defaults match no module of Latte and would leave it computing everything.
+- ``hooks``: Foresight on that same eager pipeline through ``runtime.apply_foresight``
+  (``diffusers+foresight@t`` at the runtime rows' thresholds, ``diffusers+static``): the like-for-like
+  comparison of the algorithm with diffusers' caches (same execution, only the caching differs).
+  Not applicable to Open-Sora (no diffusers pipeline).
 - this runtime on each of ``--backends`` with the policies ``none``, ``static`` (its defaults) and
   ``foresight`` at each of ``--thresholds`` (default: the manifest's threshold x0.5, x1, x2; its
   other Foresight values from the manifest). Named ``backend/policy[@threshold]``.
@@ -99,7 +103,8 @@ from tools.metrics import psnr, ssim
 from tools.synthetic import held_out_prompts
 
 CACHES = ("pab", "fastercache", "fbc", "taylorseer", "magcache")
-METHODS = (BASELINE, *CACHES, *POLICIES)
+HOOKS = "hooks"  # apply_foresight on the baseline's own eager pipeline
+METHODS = (BASELINE, *CACHES, HOOKS, *POLICIES)
 SIZES = ("shipped", "latte", "tiny")  # the latter two: tools/gpu_check.py's SIZES
 THRESHOLD_FACTORS = (0.5, 1.0, 2.0)
 
@@ -133,10 +138,10 @@ CACHE_SETTINGS: dict[str, list[tuple[str, dict]]] = {
 TAYLORSEER_ATTENTION = [r"^(?:blocks|transformer_blocks|single_transformer_blocks|temporal_transformer_blocks)"
                         r"\.\d+\.attn\d*$"]
 SKIP_UNIT = {BASELINE: "blocks", "fbc": "blocks", "magcache": "blocks", "pab": "attn", "fastercache": "attn",
-             "taylorseer": "attn", **{p: "layers" for p in POLICIES}}
+             "taylorseer": "attn", HOOKS: "layers", **{p: "layers" for p in POLICIES}}
 # Warnings every use of a cache gives, whatever the model: in the JSON, not in the table's notes.
 BENIGN_WARNINGS = ("purely experimental feature",)
-MARKERS = {BASELINE: "*", "pab": "s", "fastercache": "D", "fbc": "^", "taylorseer": "v", "magcache": "P",
+MARKERS = {BASELINE: "*", "pab": "s", "fastercache": "D", "fbc": "^", "taylorseer": "v", "magcache": "P", HOOKS: "d",
            "none": "o", "static": "X", "foresight": "h"}
 
 
@@ -321,6 +326,37 @@ def diffusers_run(runner, steps: int, clock: StepClock, cache=None) -> Callable[
             e2e = time.perf_counter() - t0
         return Sample(out.frames, out.seconds, e2e, counter.summary() if counter else {})
     return run
+
+
+def hooked_run(runner, steps: int, policy) -> Callable[..., Sample]:
+    """One generation through ``runner``'s own pipeline with ``apply_foresight(pipe, policy)`` (applied for
+    the call, removed after)."""
+    from runtime import apply_foresight
+
+    def run(prompt: str, seed: int, count: bool = False) -> Sample:
+        with apply_foresight(runner.pipe, policy) as handle:
+            t0 = time.perf_counter()
+            out = runner(prompt, seed, steps, decode=True)
+            e2e = time.perf_counter() - t0
+            stats = handle.stats
+        return Sample(out.frames, out.seconds, e2e,
+                      {k: stats[k] for k in ("layer_calls", "layer_calls_skipped", "skipped_share")})
+    return run
+
+
+def hooks_configs(runner, manifest, steps: int, thresholds: list[float] | None) -> list[Config]:
+    """``diffusers+foresight@t`` (the thresholds the runtime rows use) and ``diffusers+static``: Foresight
+    through apply_foresight on the baseline's eager pipeline, so only the caching differs from the caches'."""
+    from foresight import make_config
+
+    foresight = {**manifest.foresight_defaults}
+    rows = [(f"diffusers+foresight@{t:g}", make_config("foresight", **{**foresight, "threshold": t}))
+            for t in thresholds or [foresight.get("threshold", 0.5) * f for f in THRESHOLD_FACTORS]]
+    rows.append(("diffusers+static", make_config("static")))
+    if isinstance(runner, harness.OpenSoraReferenceRunner):
+        reason = "not applicable: Open-Sora 1.2 has no diffusers pipeline to apply Foresight to"
+        return [Config(name, HOOKS, policy.to_dict(), error=reason) for name, policy in rows]
+    return [Config(name, HOOKS, policy.to_dict(), hooked_run(runner, steps, policy)) for name, policy in rows]
 
 
 def runtime_run(runner, steps: int) -> Callable[..., Sample]:
@@ -706,6 +742,8 @@ def _compare(args, command: str) -> dict:
         clock = StepClock(open_context)
         configs = [Config(BASELINE, BASELINE, {}, diffusers_run(runner, args.steps, clock))]
         configs += cache_configs(methods, runner, args.steps, clock, dtype, prompts[0], args.seed)
+        if HOOKS in methods:
+            configs += hooks_configs(runner, manifest, args.steps, args.thresholds)
         configs += runtime_configs([p for p in POLICIES if p in methods], args.backends, load, args.steps,
                                    args.thresholds)
         mag = next((c.params["mag_ratios"] for c in configs if c.method == "magcache" and c.error is None), None)

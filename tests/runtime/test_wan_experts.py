@@ -21,13 +21,9 @@ PRESET = get_family("wan").presets["tiny-random-a14b"]
 
 
 @pytest.fixture(scope="module")
-def a14b_engines(tmp_path_factory):
+def a14b_engines(preset_engines):
     """ONNX files and AOTInductor packages of both experts, in one export."""
-    from exporter.export import ExportOptions, export
-
-    out = tmp_path_factory.mktemp("engines") / "wan-a14b"
-    export(ExportOptions(model="wan", preset="tiny-random-a14b", out=out, backend="aoti"), progress=False)
-    return out
+    return preset_engines("wan", "tiny-random-a14b", backend="aoti")
 
 
 @pytest.fixture(scope="module")

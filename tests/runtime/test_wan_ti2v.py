@@ -18,12 +18,8 @@ PRESET = get_family("wan").presets["tiny-random-ti2v"]
 
 
 @pytest.fixture(scope="module")
-def ti2v_engines(tmp_path_factory):
-    from exporter.export import ExportOptions, export
-
-    out = tmp_path_factory.mktemp("engines") / "wan-ti2v"
-    export(ExportOptions(model="wan", preset="tiny-random-ti2v", out=out), progress=False)
-    return out
+def ti2v_engines(preset_engines):
+    return preset_engines("wan", "tiny-random-ti2v")
 
 
 @pytest.fixture(scope="module")

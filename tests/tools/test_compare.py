@@ -176,11 +176,13 @@ def test_cogvideox_and_wan_pipelines_run_the_caches_in_their_own_cache_contexts(
         real(self, open_context)
 
     monkeypatch.setattr(cmp.StepClock, "__init__", spy)
-    report = run(engines, outputs, "--steps", "4", "--methods", "fbc,pab,none", "--backends", "onnxruntime")
+    report = run(engines, outputs, "--steps", "4", "--methods", "fbc,pab,none,hooks", "--backends", "onnxruntime",
+                 "--thresholds", "1")
     assert opened == [False]
     by = {r["config"]: r for r in report["results"]}
-    assert set(by) == {"diffusers", "fbc/t0.2", "pab/s4-t6-c8", "onnxruntime/none"}
-    for name in ("fbc/t0.2", "pab/s4-t6-c8"):
+    assert set(by) == {"diffusers", "fbc/t0.2", "pab/s4-t6-c8", "onnxruntime/none", "diffusers+foresight@1",
+                       "diffusers+static"}
+    for name in ("fbc/t0.2", "pab/s4-t6-c8", "diffusers+foresight@1", "diffusers+static"):
         assert by[name]["status"] == "ok", by[name]["reason"]
     assert by["onnxruntime/none"]["psnr"] == "inf" or by["onnxruntime/none"]["psnr"] > 40
     assert by["diffusers"]["skipped_unit"] == "blocks"
@@ -192,6 +194,23 @@ def test_open_sora_has_no_diffusers_caches_and_says_so():
     configs = cmp.cache_configs(cmp.CACHES, runner, 4, cmp.StepClock(False), None, "a prompt", 0)
     assert {c.method for c in configs} == set(cmp.CACHES)
     assert all(c.run is None and "Open-Sora 1.2 has no diffusers pipeline" in c.error for c in configs)
+    manifest = type("Manifest", (), {"foresight_defaults": {"warmup": 6, "recalculate": 4, "threshold": 2.0}})()
+    hooked = cmp.hooks_configs(runner, manifest, 4, None)
+    assert [c.name for c in hooked] == ["diffusers+foresight@1", "diffusers+foresight@2", "diffusers+foresight@4",
+                                        "diffusers+static"]
+    assert all(c.run is None and "Open-Sora 1.2 has no diffusers pipeline" in c.error for c in hooked)
+
+
+def test_apply_foresight_rows_equal_the_runtime_torch_rows(engines_dir, outputs):
+    # The same Foresight on LattePipeline's eager modules and on the runtime's torch backend: the same frames.
+    report = run(engines_dir, outputs, "--steps", "8", "--methods", "hooks,foresight", "--backends", "torch",
+                 "--thresholds", "2")
+    by = {r["config"]: r for r in report["results"]}
+    hooked, runtime = by["diffusers+foresight@2"], by["torch/foresight@2"]
+    assert hooked["status"] == "ok" and hooked["skipped_unit"] == "layers" and hooked["skipped_share"] > 0
+    assert hooked["skipped_share"] == runtime["skipped_share"] and hooked["psnr"] == runtime["psnr"]
+    assert by["diffusers+static"]["status"] == "ok"
+    assert "| diffusers+foresight@2 |" in outputs["markdown"].read_text()
 
 
 def test_bad_arguments_end_with_an_error(capsys):
