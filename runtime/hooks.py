@@ -40,6 +40,10 @@ come off cleanly. What differs from the runtime is only where the decisions are 
   "Stages"); each expert has its own caches; the step at which the pipeline switches is taken
   from its scheduler's timesteps with WanPipeline's own rule.
 
+One generation at a time per pipeline, as diffusers' pipelines themselves. The caches (every layer's
+last outputs, per pass and expert, like the runtime's buffers) are freed after the scheduler's last
+step and by ``remove()``.
+
 ``torch.compile``: a transformer or block compiled by the user is refused (the compiled graph
 would bake one step's decision in); ``apply_foresight(..., compile=True)`` compiles each
 block's own computation instead, with the decisions made outside the graph.
@@ -286,6 +290,8 @@ class _Session:
             self.controller.observe(rows)
         self.pending = []
         self.step += 1
+        if self.experts and self.step >= len(self.experts):  # the pipeline's last step: free the caches
+            self.caches = {}
 
     def _check_scheduler(self) -> None:
         if self.pipe.scheduler is not self.scheduler:  # replaced since apply_foresight: follow the new one
@@ -402,6 +408,7 @@ class ForesightHandle:
         for registry in self._registries:
             registry.remove_hook(HOOK_NAME, recurse=False)
             registry.invalidate_child_registries_cache()
+        self._session.caches = {}
         if self._session.pipe is not None:
             _unwrap_scheduler(self._session.scheduler)
         for module in self._session.transformers:
