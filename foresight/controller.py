@@ -26,7 +26,7 @@ import numbers
 from dataclasses import dataclass
 
 from .policies import ControllerState, Policy, make_config
-from .trace import TRACE_SCHEMA
+from .trace import TRACE_SCHEMA, valid_stages
 
 
 @dataclass(frozen=True)
@@ -71,8 +71,7 @@ class Controller:
         ``stages``: the steps at which the run's stages begin, ascending from 0 (one per expert;
         see the module docstring)."""
         stages = tuple(stages)
-        if not stages or stages[0] != 0 or any(isinstance(s, bool) or not isinstance(s, int) for s in stages) \
-                or list(stages) != sorted(set(stages)):
+        if not valid_stages(stages):
             raise ValueError(f"stages must be ascending whole steps starting at 0 (got {list(stages)})")
         self.stages = stages
         self._stage_start = 0

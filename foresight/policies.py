@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import ClassVar
 
 from .errors import ConfigError
+from .trace import valid_stages
 
 
 @dataclass(frozen=True)
@@ -177,8 +178,7 @@ class ReplayPolicy(Policy):
                                   f"{self.num_layers}-layer trace; regenerate the trace")
             clean.append((start, measure))
         stages = tuple(self.stages)
-        if not stages or stages[0] != 0 or any(not isinstance(s, int) or isinstance(s, bool) for s in stages) \
-                or list(stages) != sorted(set(stages)) or stages[-1] >= len(clean):
+        if not valid_stages(stages) or stages[-1] >= len(clean):
             raise ConfigError(f"replay stages {list(stages)} are not ascending steps of the trace starting at 0; "
                               f"regenerate the trace")
         for s in stages:

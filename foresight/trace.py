@@ -44,6 +44,14 @@ OPTIONAL_FIELDS = ("stages",)
 STEP_FIELDS = ("step", "computed", "source", "measure", "mse", "thresholds")
 
 
+def valid_stages(stages) -> bool:
+    """Whether ``stages`` lists the steps a run's stages begin at: whole numbers, ascending without
+    repeats, the first 0 (``Controller.reset``, traces and replayed decisions all take this form)."""
+    stages = list(stages)
+    return bool(stages) and stages[0] == 0 and all(isinstance(s, int) and not isinstance(s, bool) for s in stages) \
+        and stages == sorted(set(stages))
+
+
 def trace_to_json(trace: dict) -> str:
     """One step per line, so golden traces stay readable and diff step by step."""
     head = ", ".join(f"{json.dumps(k)}: {json.dumps(v, allow_nan=False)}" for k, v in trace.items() if k != "steps")
@@ -62,8 +70,7 @@ def load_trace(text: str) -> dict:
         raise ValueError(f"{TRACE_SCHEMA} trace has fields {sorted(trace)}, expected {sorted(HEADER_FIELDS)} "
                          f"(and optionally {', '.join(OPTIONAL_FIELDS)}); regenerate it with this version of foresight")
     stages = trace.get("stages", [0])
-    if not isinstance(stages, list) or not stages or stages[0] != 0 or stages != sorted(set(stages)) \
-            or any(isinstance(s, bool) or not isinstance(s, int) for s in stages):
+    if not isinstance(stages, list) or not valid_stages(stages):
         raise ValueError(f"{TRACE_SCHEMA} trace: stages {stages!r} is not a list of ascending steps from 0; "
                          "regenerate it with this version of foresight")
     steps = trace["steps"]

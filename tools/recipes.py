@@ -56,6 +56,27 @@ def train_jointly(transformer, text_encoder, args, loss_fn, log: list) -> float:
     return final
 
 
+def train_video_vae(vae, clips: np.ndarray, args, log: list) -> None:
+    """``vae`` (a diffusers KL video autoencoder) trained on random batches of ``clips`` (seed
+    ``args.seed + 1``); left in eval mode."""
+    gen = torch.Generator().manual_seed(args.seed + 1)
+
+    def vae_loss(step):
+        x = videos(clips, torch.randint(0, len(clips), (args.vae_batch,), generator=gen).numpy())
+        return kl_vae_loss(vae, x, gen, args.kl_weight)
+
+    vae.train()
+    _optimise(list(vae.parameters()), args.vae_steps, args.vae_lr, "vae", vae_loss, log, "recon")
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_videos(vae, clips: np.ndarray, batch: int = 32) -> torch.Tensor:
+    """The posterior modes of ``clips`` (N, C, F', h, w), encoded ``batch`` clips at a time."""
+    return torch.cat([vae.encode(videos(clips, np.arange(i, min(i + batch, len(clips))))).latent_dist.mode()
+                      for i in range(0, len(clips), batch)])
+
+
 def _optimise(params, steps: int, lr: float, desc: str, loss_fn, log: list, postfix: str):
     import time
 
@@ -93,22 +114,10 @@ def cogvideox(args, clips: np.ndarray, prompts: list[str], log: list):
         block_out_channels=(16, 32, 32), latent_channels=4, layers_per_block=1,
         norm_num_groups=vae_norm_groups(args),
         temporal_compression_ratio=4, sample_height=args.size, sample_width=args.size)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-
-    def vae_loss(step):
-        x = videos(clips, torch.randint(0, len(clips), (args.vae_batch,), generator=gen).numpy())
-        return kl_vae_loss(vae, x, gen, args.kl_weight)
-
-    vae.train()
-    _optimise(list(vae.parameters()), args.vae_steps, args.vae_lr, "vae", vae_loss, log, "recon")
-    vae.eval()
-    with torch.no_grad():
-        sample = [vae.encode(videos(clips, np.arange(i, min(i + 16, len(clips))))).latent_dist.mode()
-                  for i in range(0, min(256, len(clips)), 16)]
-        scaling = 1.0 / torch.cat(sample).std().item()
-        vae.register_to_config(scaling_factor=scaling)
-        latents = torch.cat([vae.encode(videos(clips, np.arange(i, min(i + 32, len(clips))))).latent_dist.mode()
-                             for i in range(0, len(clips), 32)]) * scaling  # (N, C, F', h, w)
+    train_video_vae(vae, clips, args, log)
+    scaling = 1.0 / encode_videos(vae, clips[:256], batch=16).std().item()
+    vae.register_to_config(scaling_factor=scaling)
+    latents = encode_videos(vae, clips) * scaling  # (N, C, F', h, w)
     latents = latents.permute(0, 2, 1, 3, 4).contiguous()  # (N, F', C, h, w): CogVideoX's layout
     print(f"vae done: scaling_factor {scaling:.4f}, latents {tuple(latents.shape)}")
 
@@ -266,24 +275,14 @@ def wan(args, clips: np.ndarray, prompts: list[str], log: list):
     vae = AutoencoderKLWan(base_dim=16, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
                            temperal_downsample=[True, True], scale_factor_spatial=4, scale_factor_temporal=4,
                            latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    gen = torch.Generator().manual_seed(args.seed + 1)
-
-    def vae_loss(step):
-        x = videos(clips, torch.randint(0, len(clips), (args.vae_batch,), generator=gen).numpy())
-        return kl_vae_loss(vae, x, gen, args.kl_weight)
-
-    vae.train()
-    _optimise(list(vae.parameters()), args.vae_steps, args.vae_lr, "vae", vae_loss, log, "recon")
-    vae.eval()
-    with torch.no_grad():
-        raw = torch.cat([vae.encode(videos(clips, np.arange(i, min(i + 32, len(clips))))).latent_dist.mode()
-                         for i in range(0, len(clips), 32)])  # (N, C, F', h, w)
-        mean, std = raw.mean(dim=(0, 2, 3, 4)), raw.std(dim=(0, 2, 3, 4))
-        vae.register_to_config(latents_mean=[round(v, 6) for v in mean.tolist()],
-                               latents_std=[round(v, 6) for v in std.tolist()])
-        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-        latents = (raw - mean) / std
+    train_video_vae(vae, clips, args, log)
+    raw = encode_videos(vae, clips)  # (N, C, F', h, w)
+    mean, std = raw.mean(dim=(0, 2, 3, 4)), raw.std(dim=(0, 2, 3, 4))
+    vae.register_to_config(latents_mean=[round(v, 6) for v in mean.tolist()],
+                           latents_std=[round(v, 6) for v in std.tolist()])
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    latents = (raw - mean) / std
     print(f"vae done: latents {tuple(latents.shape)}, mean {vae.config.latents_mean}, std {vae.config.latents_std}")
 
     tokenizer = word_tokenizer(synthetic.vocabulary())
