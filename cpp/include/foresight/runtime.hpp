@@ -1,0 +1,101 @@
+// The C++ runtime on libtorch: reads an engines folder (docs/engines-format.md) and nothing else,
+// runs its AOTInductor packages, and drives the denoising loop with the Foresight controller,
+// as the Python runtime (runtime/engine.py) does, step for step.
+//
+//   auto rt = foresight::Runtime::load("engines/latte-tiny-aoti");            // CPU (or "cuda")
+//   foresight::DenoiseRequest req;  req.steps = 50;  req.seed = 3;
+//   req.text = embeddings;                        // the encoded prompt, (2 or 1, T, C): negative first
+//   foresight::DenoiseResult res = rt.denoise(req);   // final latents, stats, the decision trace
+//
+// Status: the manifest (versions, paths inside the folder, every file's size and sha256), the
+// AOTInductor executors, the flow between parts, the reuse of cached outputs and the Latte
+// pipeline's sampler (DDIM, batched CFG, learned-sigma split). Text encoding and VAE decoding
+// as compiled parts, tokenization and the other pipelines' samplers are not written yet.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+#include <torch/torch.h>
+
+#include "foresight/controller.hpp"
+
+namespace foresight {
+
+struct ManifestError : Error {  // the folder or its manifest is missing, corrupt or of another version
+  using Error::Error;
+};
+struct BackendError : Error {  // an engine cannot be loaded or run here
+  using Error::Error;
+};
+struct NumericsError : Error {  // a layer produced NaN or Inf
+  using Error::Error;
+};
+
+inline constexpr int kMinSchemaVersion = 2;
+inline constexpr int kSchemaVersion = 3;
+
+// One input or output of a part: its name and shape (ints or symbol names).
+struct TensorSpec {
+  std::string name;
+  std::vector<nlohmann::json> shape;
+};
+
+struct PartSpec {
+  std::string name;
+  std::vector<TensorSpec> inputs, outputs;
+};
+
+// The engines folder's manifest, checked as the Python runtime checks it (runtime/manifest.py):
+// the version, every listed file inside the folder with its size and sha256, every file a part
+// or component uses listed.
+struct Manifest {
+  std::string root;  // the folder, absolute, symlinks resolved
+  nlohmann::json data;
+  PartSpec stem, head;
+  std::vector<PartSpec> layers;
+  std::vector<std::string> probes;
+
+  static Manifest load(const std::string& folder, bool verify_hashes = true);
+  std::string path(const std::string& relative) const;  // inside the folder, or ManifestError
+  const nlohmann::json& pipeline() const { return data.at("pipeline"); }
+  const nlohmann::json& flow() const { return data.at("flow"); }
+};
+
+std::string sha256_file(const std::string& path);
+
+struct DenoiseRequest {
+  at::Tensor text;  // the encoded prompt (2 or 1, T, C), the unconditional row first when guidance > 1
+  int frames = -1, height = -1, width = -1, steps = -1;  // -1: the manifest's defaults
+  double guidance = -1;                                  // -1: the manifest's default
+  uint64_t seed = 0;
+  nlohmann::json policy = {{"policy", "none"}};  // Policy.to_dict()
+};
+
+struct DenoiseResult {
+  at::Tensor latents;  // (1, C, F, h, w), float32, on the runtime's device
+  nlohmann::ordered_json trace;
+  nlohmann::json stats;
+};
+
+class Runtime {
+ public:
+  static Runtime load(const std::string& folder, const std::string& device = "cpu", bool verify_hashes = true);
+  DenoiseResult denoise(const DenoiseRequest& request);
+  const Manifest& manifest() const { return manifest_; }
+  long engine_calls(const std::string& part) const;
+
+ private:
+  struct Executor;
+  Runtime(Manifest manifest, c10::Device device);
+  Manifest manifest_;
+  c10::Device device_;
+  std::map<std::string, std::shared_ptr<Executor>> executors_;
+  std::map<std::string, long> calls_;
+  std::vector<at::Tensor> run(const PartSpec& part, const std::map<std::string, at::Tensor>& inputs);
+};
+
+}  // namespace foresight

@@ -1,0 +1,455 @@
+// The C++ runtime (runtime.hpp): manifest checks, AOTInductor executors, the denoising loop.
+// Each piece follows its Python original so the two give the same numbers: runtime/manifest.py
+// (refusals), runtime/backends.py (AOTInductorBackend), runtime/engine.py (_run_step: the flow,
+// the cached outputs, one host transfer per step), runtime/pipelines/latte.py and diffusers'
+// DDIMScheduler (the sampler, op for op).
+#include "foresight/runtime.hpp"
+
+#include <openssl/evp.h>
+
+#include <ATen/Version.h>
+#include <torch/csrc/inductor/aoti_package/model_package_loader.h>
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace foresight {
+namespace {
+
+constexpr uintmax_t kMaxManifestBytes = 16u << 20;
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw ManifestError("cannot read " + path);
+  std::ostringstream out;
+  out << in.rdbuf();
+  return out.str();
+}
+
+std::vector<TensorSpec> tensor_specs(const json& list) {
+  std::vector<TensorSpec> out;
+  for (const auto& t : list) out.push_back({t.at("name").get<std::string>(), t.at("shape").get<std::vector<json>>()});
+  return out;
+}
+
+PartSpec part_spec(const json& p) {
+  return {p.at("name").get<std::string>(), tensor_specs(p.at("inputs")), tensor_specs(p.at("outputs"))};
+}
+
+// safetensors: an 8-byte little-endian header length, a JSON header, then the raw tensor bytes. No
+// library reads it from C++ (the format's own is Rust and Python); the layout is fixed by its spec.
+std::map<std::string, at::Tensor> load_safetensors(const std::string& path, c10::Device device) {
+  const std::string bytes = read_file(path);
+  uint64_t n = 0;
+  if (bytes.size() < 8) throw ManifestError(path + " is not a safetensors file (too short)");
+  for (int i = 7; i >= 0; --i) n = (n << 8) | static_cast<unsigned char>(bytes[i]);
+  if (n > bytes.size() - 8) throw ManifestError(path + " is not a safetensors file (header past the end)");
+  const json header = json::parse(bytes.substr(8, n));
+  const char* data = bytes.data() + 8 + n;
+  const uint64_t data_size = bytes.size() - 8 - n;
+  static const std::map<std::string, c10::ScalarType> dtypes = {
+      {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16}, {"F64", at::kDouble},
+      {"I64", at::kLong},  {"I32", at::kInt},  {"I16", at::kShort},     {"I8", at::kChar},
+      {"U8", at::kByte},   {"BOOL", at::kBool}};
+  std::map<std::string, at::Tensor> out;
+  for (const auto& [name, info] : header.items()) {
+    if (name == "__metadata__") continue;
+    auto dtype = dtypes.find(info.at("dtype").get<std::string>());
+    if (dtype == dtypes.end()) throw ManifestError(path + ": tensor " + name + " has an unsupported dtype");
+    auto shape = info.at("shape").get<std::vector<int64_t>>();
+    auto offsets = info.at("data_offsets").get<std::vector<uint64_t>>();
+    at::Tensor t = at::empty(shape, at::TensorOptions().dtype(dtype->second));
+    const uint64_t size = t.numel() * t.element_size();
+    if (offsets.size() != 2 || offsets[1] < offsets[0] || offsets[1] > data_size || offsets[1] - offsets[0] != size)
+      throw ManifestError(path + ": tensor " + name + " has bad data offsets (a corrupt file)");
+    std::memcpy(t.data_ptr(), data + offsets[0], size);
+    out[name] = t.to(device);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string sha256_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw ManifestError("cannot read " + path);
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1) throw Error("OpenSSL could not start a sha256");
+  std::vector<char> buffer(1 << 20);
+  while (in) {
+    in.read(buffer.data(), buffer.size());
+    if (in.gcount() > 0) EVP_DigestUpdate(ctx.get(), buffer.data(), static_cast<size_t>(in.gcount()));
+  }
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  EVP_DigestFinal_ex(ctx.get(), digest, &length);
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (unsigned int i = 0; i < length; ++i) out += {hex[digest[i] >> 4], hex[digest[i] & 15]};
+  return out;
+}
+
+// ------------------------------------------------------------------------------------ manifest
+std::string Manifest::path(const std::string& relative) const {
+  std::error_code ec;
+  fs::path resolved = fs::weakly_canonical(fs::path(root) / relative, ec);
+  const std::string r = resolved.string();
+  if (ec || (r != root && r.rfind(root + "/", 0) != 0))
+    throw ManifestError(root + "/" + relative + " resolves to " + r + ", outside the engines folder: the folder is refused");
+  return r;
+}
+
+Manifest Manifest::load(const std::string& folder, bool verify_hashes) {
+  const std::string fix = "re-export with `foresight-export --out " + folder + " --overwrite`";
+  if (fs::exists(folder) && !fs::is_directory(folder))
+    throw ManifestError(folder + " is a file, not an engines folder: pass the folder foresight-export wrote");
+  if (!fs::is_directory(folder))
+    throw ManifestError("engines folder " + folder + " does not exist: build it with "
+                        "`foresight-export --model latte --preset tiny --backend aoti --out " + folder + "`");
+  Manifest m;
+  m.root = fs::canonical(folder).string();
+  const std::string mpath = m.root + "/manifest.json";
+  if (!fs::is_regular_file(mpath))
+    throw ManifestError(m.root + " has no manifest.json: it is not an engines folder, or its export was interrupted; " + fix);
+  if (fs::file_size(mpath) > kMaxManifestBytes)
+    throw ManifestError(mpath + " is larger than 16 MiB: not a manifest; " + fix);
+  try {
+    m.data = json::parse(read_file(mpath));
+  } catch (const json::parse_error& e) {
+    throw ManifestError(mpath + " is not valid JSON (" + e.what() + "); " + fix);
+  }
+  if (!m.data.is_object()) throw ManifestError(mpath + " is not a manifest object; " + fix);
+  const json& version = m.data.value("schema_version", json());
+  if (!version.is_number_integer()) throw ManifestError(mpath + " has no integer schema_version; " + fix);
+  const int v = version.get<int>();
+  if (v > kSchemaVersion)
+    throw ManifestError(mpath + " has schema version " + std::to_string(v) + ", newer than this runtime's " +
+                        std::to_string(kSchemaVersion) + ": upgrade foresight-dit or re-export with this version");
+  if (v < kMinSchemaVersion)
+    throw ManifestError(mpath + " has old schema version " + std::to_string(v) + " (this runtime reads " +
+                        std::to_string(kMinSchemaVersion) + ".." + std::to_string(kSchemaVersion) + "); " + fix);
+  try {
+    if (m.data.at("format") != "foresight-engines") throw ManifestError(mpath + " is not a foresight-engines manifest; " + fix);
+    if (m.data.contains("experts") && !m.data["experts"].empty())
+      throw ManifestError(m.root + " has two experts (Wan 2.2 A14B): the C++ runtime runs one-transformer folders so "
+                          "far; use foresight-run --backend aoti");
+    const json& parts = m.data.at("parts");
+    m.stem = part_spec(parts.at("stem"));
+    m.head = part_spec(parts.at("head"));
+    for (const auto& l : parts.at("layers")) m.layers.push_back(part_spec(l));
+    m.probes = m.data.at("flow").at("probes").get<std::vector<std::string>>();
+    if (!m.data.contains("aoti") || m.data["aoti"].is_null())
+      throw ManifestError(m.root + " has no AOTInductor packages, the engines the C++ runtime runs: build them with "
+                          "`foresight-export --backend aoti --out " + m.root + " --overwrite`");
+  } catch (const json::exception& e) {
+    throw ManifestError(mpath + " does not follow the engines format (" + e.what() + "); " + fix);
+  }
+
+  // Every listed file inside the folder, of its size and hash; every file a part uses listed.
+  std::map<std::string, std::string> listed;  // resolved path -> relative
+  for (const auto& [rel, entry] : m.data.at("files").items()) listed[m.path(rel)] = rel;
+  std::vector<std::string> needed;
+  for (const auto& [name, program] : m.data["aoti"].at("programs").items()) needed.push_back(program.at("file"));
+  for (const auto& [name, part] : m.data["aoti"].at("parts").items()) needed.push_back(part.at("weights"));
+  for (const auto& [name, rel] : m.data.at("components").items()) needed.push_back(rel);
+  for (const std::string& rel : needed) {
+    const std::string p = m.path(rel);
+    if (fs::is_directory(p)) {
+      for (const auto& f : fs::recursive_directory_iterator(p))
+        if (!f.is_directory() && !listed.count(m.path(fs::relative(f.path(), m.root).string())))
+          throw ManifestError(f.path().string() + " is in the engines folder but not in its manifest (an unlisted file "
+                              "a loader could read); remove it or " + fix);
+    } else if (!listed.count(p)) {
+      throw ManifestError(m.root + "/" + rel + " is used by the manifest but not listed with a hash in its files; " + fix);
+    }
+  }
+  for (const auto& [p, rel] : listed) {
+    const json& entry = m.data["files"][rel];
+    if (!fs::is_regular_file(p)) throw ManifestError(m.root + "/" + rel + " listed in the manifest is missing; " + fix);
+    const auto size = fs::file_size(p);
+    if (size != entry.at("bytes").get<uintmax_t>())
+      throw ManifestError(m.root + "/" + rel + " has " + std::to_string(size) + " bytes, the manifest says " +
+                          entry.at("bytes").dump() + " (corrupt, truncated or replaced file); " + fix);
+    if (verify_hashes && sha256_file(p) != entry.at("sha256").get<std::string>())
+      throw ManifestError(m.root + "/" + rel + " does not match the sha256 recorded in the manifest (corrupt or replaced "
+                          "file); " + fix);
+  }
+  return m;
+}
+
+// ------------------------------------------------------------------------------------ executors
+struct Runtime::Executor {
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader;
+};
+
+Runtime::Runtime(Manifest manifest, c10::Device device) : manifest_(std::move(manifest)), device_(device) {}
+
+Runtime Runtime::load(const std::string& folder, const std::string& device_name, bool verify_hashes) {
+  c10::Device device(device_name);
+  Manifest m = Manifest::load(folder, verify_hashes);
+  const json& aoti = m.data["aoti"];
+  const std::string fix = "re-export with `foresight-export --backend aoti --device " + device.str() + " --out " + m.root +
+                          " --overwrite`";
+  const std::string built_device = aoti.at("device"), built_torch = aoti.at("torch");
+  if (built_device != c10::DeviceTypeName(device.type(), true))
+    throw BackendError("the AOTInductor packages in " + m.root + " were built for " + built_device + ", not " +
+                       device.str() + ": run with --device " + built_device + ", or " + fix);
+  if (built_torch.substr(0, built_torch.find('+')) != std::string(TORCH_VERSION))
+    throw BackendError("the AOTInductor packages in " + m.root + " were built with torch " + built_torch +
+                       ", this libtorch is " + TORCH_VERSION + " (compiled code runs only where it was built for); " + fix);
+  if (device.is_cpu() && aoti.at("isa") != at::get_cpu_capability())
+    throw BackendError("the AOTInductor packages in " + m.root + " were built with instruction set " +
+                       aoti.at("isa").get<std::string>() + ", this machine has " + at::get_cpu_capability() + "; " + fix);
+  Runtime rt(std::move(m), device);
+  std::vector<const PartSpec*> parts{&rt.manifest_.stem, &rt.manifest_.head};
+  for (const auto& l : rt.manifest_.layers) parts.push_back(&l);
+  for (const PartSpec* part : parts) {
+    const json& entry = aoti.at("parts").at(part->name);
+    const std::string program = rt.manifest_.path(aoti.at("programs").at(entry.at("program").get<std::string>()).at("file"));
+    auto exec = std::make_shared<Executor>();
+    try {
+      exec->loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
+          program, "model", false, 1, device.has_index() ? device.index() : -1);
+    } catch (const std::exception& e) {
+      throw BackendError("could not load the AOTInductor package " + program + " (" + e.what() + "); " + fix);
+    }
+    auto meta = exec->loader->get_metadata();
+    if (!meta.count("foresight.io")) throw BackendError(program + " is not a package foresight-export built (no I/O signature); " + fix);
+    const json io = json::parse(meta["foresight.io"]);
+    std::vector<std::string> want, got;
+    for (const auto& t : part->inputs) want.push_back(t.name);
+    for (const auto& t : io.at("inputs")) got.push_back(t.at(0));
+    if (want != got) throw BackendError(program + " takes other inputs than part " + part->name + "; " + fix);
+    auto weights = load_safetensors(rt.manifest_.path(entry.at("weights")), device);
+    std::set<std::string> fqns;
+    for (const auto& n : exec->loader->get_constant_fqns()) fqns.insert(n);
+    std::set<std::string> have;
+    for (const auto& [n, t] : weights) have.insert(n);
+    if (have != fqns)
+      throw BackendError(entry.at("weights").get<std::string>() + " holds other weights than " + program + " takes; " + fix);
+    std::unordered_map<std::string, at::Tensor> constants(weights.begin(), weights.end());
+    exec->loader->load_constants(constants, false, true, false, false);
+    rt.executors_[part->name] = exec;
+    rt.calls_[part->name] = 0;
+  }
+  return rt;
+}
+
+long Runtime::engine_calls(const std::string& part) const {
+  auto it = calls_.find(part);
+  return it == calls_.end() ? 0 : it->second;
+}
+
+std::vector<at::Tensor> Runtime::run(const PartSpec& part, const std::map<std::string, at::Tensor>& inputs) {
+  std::vector<at::Tensor> args;
+  for (const auto& spec : part.inputs) args.push_back(inputs.at(spec.name));
+  ++calls_[part.name];
+  return executors_.at(part.name)->loader->run(args);
+}
+
+// ------------------------------------------------------------------------------------ sampling
+namespace {
+
+// diffusers' DDIMScheduler at eta 0, op for op on the same float32 tensors (set_timesteps and step).
+struct DDIM {
+  json config;
+  at::Tensor alphas_cumprod, final_alpha_cumprod;
+  std::vector<int64_t> timesteps;
+  int num_train, steps;
+
+  DDIM(const json& cfg, int num_steps) : config(cfg), num_train(cfg.at("num_train_timesteps")), steps(num_steps) {
+    const double b0 = cfg.at("beta_start"), b1 = cfg.at("beta_end");
+    const std::string schedule = cfg.at("beta_schedule");
+    at::Tensor betas;
+    if (schedule == "linear") {
+      betas = torch::linspace(b0, b1, num_train, torch::kFloat32);
+    } else if (schedule == "scaled_linear") {
+      betas = torch::pow(torch::linspace(std::sqrt(b0), std::sqrt(b1), num_train, torch::kFloat32), 2);
+    } else {
+      throw ConfigError("the C++ runtime's DDIM has no beta_schedule " + schedule + " yet; run foresight-run");
+    }
+    if (cfg.value("rescale_betas_zero_snr", false) || cfg.value("thresholding", false) || cfg.value("clip_sample", false))
+      throw ConfigError("the C++ runtime's DDIM does not rescale, threshold or clip yet; run foresight-run");
+    alphas_cumprod = torch::cumprod(1.0 - betas, 0);
+    final_alpha_cumprod = cfg.value("set_alpha_to_one", true) ? torch::tensor(1.0, torch::kFloat32) : alphas_cumprod[0];
+    const std::string spacing = cfg.value("timestep_spacing", "leading");
+    const int64_t offset = cfg.value("steps_offset", 0);
+    if (spacing == "leading") {
+      const int64_t ratio = num_train / steps;
+      for (int i = steps - 1; i >= 0; --i) timesteps.push_back(i * ratio + offset);
+    } else if (spacing == "trailing") {
+      const double ratio = static_cast<double>(num_train) / steps;
+      for (double t = num_train; t > 0; t -= ratio) timesteps.push_back(static_cast<int64_t>(std::nearbyint(t)) - 1);
+    } else if (spacing == "linspace") {
+      for (int i = steps - 1; i >= 0; --i)
+        timesteps.push_back(static_cast<int64_t>(std::nearbyint(steps == 1 ? 0.0 : i * (num_train - 1.0) / (steps - 1))));
+    } else {
+      throw ConfigError("unknown DDIM timestep_spacing " + spacing);
+    }
+  }
+
+  at::Tensor step(const at::Tensor& model_output, int64_t t, const at::Tensor& sample) const {
+    const int64_t prev_t = t - num_train / steps;
+    at::Tensor a = alphas_cumprod[t];
+    at::Tensor a_prev = prev_t >= 0 ? alphas_cumprod[prev_t] : final_alpha_cumprod;
+    at::Tensor b = 1 - a;
+    const std::string kind = config.value("prediction_type", "epsilon");
+    at::Tensor x0, eps;
+    if (kind == "epsilon") {
+      x0 = (sample - torch::pow(b, 0.5) * model_output) / torch::pow(a, 0.5);
+      eps = model_output;
+    } else if (kind == "sample") {
+      x0 = model_output;
+      eps = (sample - torch::pow(a, 0.5) * x0) / torch::pow(b, 0.5);
+    } else if (kind == "v_prediction") {
+      x0 = torch::pow(a, 0.5) * sample - torch::pow(b, 0.5) * model_output;
+      eps = torch::pow(a, 0.5) * model_output + torch::pow(b, 0.5) * sample;
+    } else {
+      throw ConfigError("unknown DDIM prediction_type " + kind);
+    }
+    // eta 0: std_dev_t is 0, and (1 - a_prev - 0) is (1 - a_prev) exactly.
+    return torch::pow(a_prev, 0.5) * x0 + torch::pow(1 - a_prev, 0.5) * eps;
+  }
+};
+
+int shape_value(const json& shapes, const char* name, int value) {
+  const json& s = shapes.at(name);
+  if (value < 0) value = s.at("default");
+  if (value < s.at("min").get<int>() || value > s.at("max").get<int>())
+    throw ConfigError(std::string(name) + "=" + std::to_string(value) + " is outside the exported range [" +
+                      s.at("min").dump() + ", " + s.at("max").dump() + "]: pass --" + name + " within it");
+  const int step = s.value("multiple_of", 1);
+  if (value % step) throw ConfigError(std::string(name) + "=" + std::to_string(value) + " is not divisible by " + std::to_string(step));
+  return value;
+}
+
+}  // namespace
+
+DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
+  torch::NoGradGuard no_grad;
+  const json& p = manifest_.pipeline();
+  if (p.at("type") != "latte")
+    throw ConfigError("the C++ runtime runs the latte pipeline so far; " + p.at("type").get<std::string>() +
+                      " runs with foresight-run --backend aoti");
+  const json& shapes = manifest_.data.at("shapes");
+  const int frames = shape_value(shapes, "frames", req.frames), height = shape_value(shapes, "height", req.height),
+            width = shape_value(shapes, "width", req.width);
+  const int steps = req.steps < 0 ? p.at("default_steps").get<int>() : req.steps;
+  if (steps < 1 || steps > p.at("max_steps").get<int>())
+    throw ConfigError("steps must be a whole number in 1.." + p.at("max_steps").dump() + " (got " + std::to_string(steps) + ")");
+  const double guidance = req.guidance < 0 ? p.at("default_guidance").get<double>() : req.guidance;
+  const bool cfg = guidance > 1.0;
+  if (!req.text.defined() || req.text.dim() != 3 || req.text.size(0) != (cfg ? 2 : 1))
+    throw ConfigError(std::string("the encoded prompt must be (") + (cfg ? "2" : "1") + ", T, C)" +
+                      (cfg ? ", the unconditional row first" : ""));
+
+  auto controller = Controller(make_policy(req.policy), static_cast<int>(manifest_.layers.size()),
+                               static_cast<int>(manifest_.probes.size()));
+  controller.policy().check_run(controller.num_layers(), steps, nullptr);
+  const json sched = json::parse(read_file(manifest_.path(manifest_.data.at("components").at("scheduler").get<std::string>() +
+                                                          "/scheduler_config.json")));
+  if (sched.at("_class_name") != "DDIMScheduler")
+    throw ConfigError("the C++ runtime's latte sampler steps DDIMScheduler; this folder's scheduler is " +
+                      sched.at("_class_name").get<std::string>());
+  DDIM ddim(sched, steps);
+  controller.reset();
+
+  // The starting noise as diffusers' randn_tensor draws it: a CPU generator, float32.
+  const int f = p.at("vae_scale_factor"), patch = p.at("patch_size");
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(req.seed);
+  at::Tensor latents = torch::randn({1, p.at("latent_channels").get<int64_t>(), frames, height / f, width / f}, gen,
+                                    torch::TensorOptions().dtype(torch::kFloat32)).to(device_);
+  (void)patch;
+  at::Tensor text = req.text.to(device_, torch::kFloat32);
+
+  const json& flow = manifest_.flow();
+  const size_t L = manifest_.layers.size(), P = manifest_.probes.size();
+  std::vector<std::map<std::string, at::Tensor>> cache(L);  // each layer's outputs from the last step that ran it
+  std::map<std::string, at::Tensor> stem_out;
+  auto resolve = [&](const std::string& source, const std::map<std::string, at::Tensor>& state,
+                     const std::map<std::string, at::Tensor>& stem_in) -> at::Tensor {
+    const auto colon = source.find(':');
+    const std::string kind = source.substr(0, colon), name = source.substr(colon + 1);
+    if (kind == "state") return state.at(name);
+    if (kind == "stem") return stem_out.at(name);
+    if (kind == "input") return stem_in.at(name);
+    throw ConfigError("flow source " + source + " is not supported by the C++ runtime yet");
+  };
+  // A package's compiled kernels assume contiguous inputs and do not check (a strided view reads as
+  // garbage), and a package may return strided outputs (Latte's stem returns its hidden state as a
+  // permuted view): each output is made contiguous once, as the Python runtime copies it into its
+  // buffer, and is then fed and cached without further copies.
+  auto named = [](const PartSpec& part, const std::vector<at::Tensor>& outs) {
+    std::map<std::string, at::Tensor> m;
+    for (size_t i = 0; i < part.outputs.size(); ++i) m[part.outputs[i].name] = outs.at(i).contiguous();
+    return m;
+  };
+
+  long engine_calls = 0;
+  for (int i = 0; i < steps; ++i) {
+    const int64_t t = ddim.timesteps[i];
+    std::map<std::string, at::Tensor> stem_in{
+        {"latents", cfg ? torch::cat({latents, latents}) : latents},  // DDIM's scale_model_input is the identity
+        {"timestep", torch::full({cfg ? 2 : 1}, static_cast<double>(t), torch::TensorOptions().dtype(torch::kFloat32).device(device_))},
+        {"encoder_hidden_states", text}};
+    const StepPlan plan = controller.plan(i);
+    stem_out = named(manifest_.stem, run(manifest_.stem, stem_in));
+    std::map<std::string, at::Tensor> state;
+    if (!plan.source) {
+      for (const auto& [s, o] : flow.at("state_init").items()) state[s] = stem_out.at(o.get<std::string>());
+    } else {
+      for (const auto& [s, o] : flow.at("layer_state_out").items()) state[s] = cache[plan.source->first].at(o.get<std::string>());
+    }
+    std::vector<at::Tensor> mse;
+    for (int layer = plan.start; layer < static_cast<int>(L); ++layer) {
+      const PartSpec& spec = manifest_.layers[layer];
+      std::map<std::string, at::Tensor> inputs;
+      for (const auto& in : spec.inputs) inputs[in.name] = resolve(flow.at("layer_inputs").at(in.name), state, stem_in);
+      auto out = named(spec, run(spec, inputs));
+      ++engine_calls;
+      if (plan.measure)
+        for (const auto& probe : manifest_.probes)
+          mse.push_back(torch::mean(torch::square(out.at(probe) - cache[layer].at(probe)), torch::kFloat32));
+      cache[layer] = out;  // the new cache: the engine's own result tensors, no copy
+      state.clear();
+      for (const auto& [s, o] : flow.at("layer_state_out").items()) state[s] = out.at(o.get<std::string>());
+    }
+    std::map<std::string, at::Tensor> head_in;
+    for (const auto& in : manifest_.head.inputs) head_in[in.name] = resolve(flow.at("head_inputs").at(in.name), state, stem_in);
+    at::Tensor noise_pred = named(manifest_.head, run(manifest_.head, head_in)).at(flow.at("head_output").get<std::string>());
+    mse.push_back(torch::isfinite(noise_pred).all().to(torch::kFloat32));
+    at::Tensor host = torch::stack(mse).to(torch::kCPU);  // the step's one device-to-host transfer
+    const float* values = host.data_ptr<float>();
+    if (values[host.numel() - 1] == 0.0f)
+      throw NumericsError("the head produced NaN/Inf at step " + std::to_string(i) + ": check the inputs and the engines");
+    if (plan.measure) {
+      std::vector<std::vector<double>> rows;
+      for (size_t l = 0; l < L - plan.start; ++l) rows.emplace_back(values + l * P, values + (l + 1) * P);
+      controller.observe(rows);
+    }
+    noise_pred = noise_pred.to(torch::kFloat32);
+    if (cfg) {
+      auto halves = noise_pred.chunk(2);
+      noise_pred = halves[0] + guidance * (halves[1] - halves[0]);
+    }
+    const std::string variance = sched.value("variance_type", json("")).is_string() ? sched.value("variance_type", "") : "";
+    if (variance != "learned" && variance != "learned_range") noise_pred = noise_pred.chunk(2, 1)[0];
+    latents = ddim.step(noise_pred, t, latents);
+  }
+  auto summary = controller.summary();
+  DenoiseResult result{latents, controller.trace(), json::object()};
+  result.stats = {{"policy", controller.policy().name()}, {"steps", steps}, {"num_layers", L},
+                  {"layer_calls", summary.layer_calls}, {"layer_calls_skipped", summary.layer_calls_skipped},
+                  {"layer_engine_calls", engine_calls}, {"frames", frames}, {"height", height}, {"width", width},
+                  {"guidance_scale", guidance}, {"seed", req.seed}, {"device", device_.str()}};
+  return result;
+}
+
+}  // namespace foresight

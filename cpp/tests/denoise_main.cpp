@@ -1,0 +1,56 @@
+// foresight_denoise: the C++ runtime's denoising loop from the command line, for the conformance tests
+// against the Python runtime (tests/cpp/test_runtime.py). The encoded prompt comes in, and the final
+// latents go out, as torch.save files (torch::pickle_load / pickle_save).
+//
+//   foresight_denoise --engines DIR --text text.pt --out latents.pt [--trace trace.json] [--stats stats.json]
+//                     [--steps N] [--seed S] [--guidance G] [--frames F --height H --width W]
+//                     [--policy '{"policy": "foresight", "warmup": 6}'] [--device cpu]
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <string>
+
+#include <torch/serialize.h>
+
+#include "foresight/runtime.hpp"
+
+int main(int argc, char** argv) {
+  std::map<std::string, std::string> args;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    std::string key = argv[i];
+    if (key.rfind("--", 0) != 0) {
+      std::cerr << "error: expected --option value pairs, got " << key << "\n";
+      return 2;
+    }
+    args[key.substr(2)] = argv[i + 1];
+  }
+  if (argc % 2 == 0 || !args.count("engines") || !args.count("text") || !args.count("out")) {
+    std::cerr << "usage: foresight_denoise --engines DIR --text text.pt --out latents.pt [options]\n";
+    return 2;
+  }
+  try {
+    auto rt = foresight::Runtime::load(args["engines"], args.count("device") ? args["device"] : "cpu");
+    std::ifstream in(args["text"], std::ios::binary);
+    if (!in) throw foresight::Error("cannot read " + args["text"]);
+    std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    foresight::DenoiseRequest req;
+    req.text = torch::pickle_load(bytes).toTensor();
+    auto number = [&](const char* k, int fallback) { return args.count(k) ? std::stoi(args[k]) : fallback; };
+    req.steps = number("steps", -1);
+    req.frames = number("frames", -1);
+    req.height = number("height", -1);
+    req.width = number("width", -1);
+    if (args.count("seed")) req.seed = std::stoull(args["seed"]);
+    if (args.count("guidance")) req.guidance = std::stod(args["guidance"]);
+    if (args.count("policy")) req.policy = nlohmann::json::parse(args["policy"]);
+    foresight::DenoiseResult res = rt.denoise(req);
+    std::vector<char> out = torch::pickle_save(res.latents.cpu());
+    std::ofstream(args["out"], std::ios::binary).write(out.data(), static_cast<std::streamsize>(out.size()));
+    if (args.count("trace")) std::ofstream(args["trace"]) << res.trace.dump();
+    if (args.count("stats")) std::ofstream(args["stats"]) << res.stats.dump();
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << "\n";
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,138 @@
+"""The C++ runtime on libtorch (cpp/src/runtime.cpp) against the Python runtime on the same engines.
+
+Oracle: on the shipped Latte exported with AOTInductor packages, ``foresight_denoise`` and
+``Runtime.load(..., backend="aoti")`` given the same encoded prompt, seed and policy end with
+bit-identical latents and the same decision trace (every mse bit for bit), at the default size and
+at another without guidance. Refusals: the Python runtime's, for the same broken folders.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from runtime import Runtime
+from runtime.errors import ManifestError
+from tests.runtime.test_aoti import edit_manifest
+
+PROMPT = "a red square moving left on a gray background"
+
+
+@pytest.fixture(scope="module")
+def latte_aoti(preset_engines):
+    return preset_engines("latte", "tiny", backend="aoti")
+
+
+@pytest.fixture(scope="module")
+def python_runtime(latte_aoti):
+    return Runtime.load(latte_aoti, backend="aoti", device="cpu")
+
+
+def encoded(runtime, tmp_path, guidance=True):
+    path = tmp_path / ("text.pt" if guidance else "text1.pt")
+    torch.save(runtime.parts.encode_prompt(PROMPT, "", guidance)["encoder_hidden_states"], path)
+    return path
+
+
+def run_cpp(cpp_build, engines, text, tmp_path, **options):
+    out, trace, stats = tmp_path / "latents.pt", tmp_path / "trace.json", tmp_path / "stats.json"
+    for p in (out, trace, stats):
+        p.unlink(missing_ok=True)
+    args = [str(cpp_build / "foresight_denoise"), "--engines", str(engines), "--text", str(text), "--out", str(out),
+            "--trace", str(trace), "--stats", str(stats)]
+    for k, v in options.items():
+        args += [f"--{k}", json.dumps(v) if isinstance(v, dict) else str(v)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    if done.returncode:
+        return done, None, None, None
+    return done, torch.load(out), json.loads(trace.read_text()), json.loads(stats.read_text())
+
+
+POLICIES = [{"policy": "none"}, {"policy": "static"},
+            {"policy": "foresight", "warmup": 6, "recalculate": 4, "threshold": 4.0}]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p["policy"])
+def test_cpp_runtime_equals_the_python_aoti_backend(cpp_build, latte_aoti, python_runtime, tmp_path, policy):
+    options = {k: v for k, v in policy.items() if k != "policy"}
+    ref = python_runtime.generate(PROMPT, num_inference_steps=20, seed=3, policy=policy["policy"], decode=False,
+                                  **options)
+    done, latents, trace, stats = run_cpp(cpp_build, latte_aoti, encoded(python_runtime, tmp_path), tmp_path,
+                                          steps=20, seed=3, policy=policy)
+    assert done.returncode == 0, done.stderr
+    assert torch.equal(latents, ref.latents)
+    assert trace == json.loads(json.dumps(ref.trace))
+    assert stats["layer_calls_skipped"] == ref.stats["layer_calls_skipped"]
+    assert stats["layer_engine_calls"] == ref.stats["layer_engine_calls"]  # reused layers' engines never ran
+    if policy["policy"] != "none":
+        assert stats["layer_calls_skipped"] > 0
+
+
+def test_cpp_runtime_at_another_size_without_guidance(cpp_build, latte_aoti, python_runtime, tmp_path):
+    ref = python_runtime.generate(PROMPT, num_frames=5, height=24, width=40, num_inference_steps=8, seed=11,
+                                  guidance_scale=1.0, policy="foresight", warmup=3, recalculate=2, threshold=4.0,
+                                  decode=False)
+    done, latents, trace, _ = run_cpp(cpp_build, latte_aoti, encoded(python_runtime, tmp_path, guidance=False), tmp_path,
+                                      frames=5, height=24, width=40, steps=8, seed=11, guidance=1.0,
+                                      policy={"policy": "foresight", "warmup": 3, "recalculate": 2, "threshold": 4.0})
+    assert done.returncode == 0, done.stderr
+    assert latents.shape == ref.latents.shape == (1, 4, 5, 6, 10)
+    assert torch.equal(latents, ref.latents) and trace == json.loads(json.dumps(ref.trace))
+
+
+def tamper_weights(folder):
+    path = folder / "aoti" / "layer_002.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def link_outside(folder):
+    outside = folder.parent / "outside.safetensors"
+    shutil.copy(folder / "aoti" / "head.safetensors", outside)
+    (folder / "aoti" / "head.safetensors").unlink()
+    (folder / "aoti" / "head.safetensors").symlink_to(outside)
+
+
+BROKEN = {
+    "newer schema": (lambda f: edit_manifest(f, lambda d: d.update(schema_version=99)), "newer than this runtime's 3"),
+    "old schema": (lambda f: edit_manifest(f, lambda d: d.update(schema_version=1)), "old schema version 1"),
+    "tampered weights": (tamper_weights, "does not match the sha256 recorded in the manifest"),
+    "missing file": (lambda f: (f / "aoti" / "head.pt2").unlink(), "listed in the manifest is missing"),
+    "wrong size": (lambda f: (f / "aoti" / "head.safetensors").write_bytes(b"x"), "bytes, the manifest says"),
+    "outside the folder": (link_outside, "outside the engines folder: the folder is refused"),
+    "unlisted file": (lambda f: (f / "vae" / "extra.bin").write_bytes(b"x"), "is in the engines folder but not in its "
+                                                                              "manifest"),
+    "not json": (lambda f: (f / "manifest.json").write_text("{"), "is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN)
+def test_cpp_runtime_refuses_what_the_python_runtime_refuses(cpp_build, latte_aoti, python_runtime, tmp_path, name):
+    folder = tmp_path / "engines"
+    shutil.copytree(latte_aoti, folder, symlinks=True)
+    breaks, message = BROKEN[name]
+    breaks(folder)
+    with pytest.raises(ManifestError, match=message.replace("(", r"\(")):
+        Runtime.load(folder, backend="aoti", device="cpu")
+    done, *_ = run_cpp(cpp_build, folder, encoded(python_runtime, tmp_path), tmp_path, steps=2)
+    assert done.returncode == 1 and done.stderr.startswith("error: ") and message in done.stderr, done.stderr
+    assert not (tmp_path / "latents.pt").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"height": 30}, "height=30 is not divisible by 4"),
+    ({"width": 128}, "width=128 is outside the exported range [8, 64]"),
+    ({"guidance": 1.0}, "the encoded prompt must be (1, T, C)"),
+    ({"policy": {"policy": "foresight", "warmup": 1}}, "warmup must be >= 2"),
+    ({"steps": 0}, "steps must be a whole number in 1..1000"),
+])
+def test_cpp_runtime_bad_requests(cpp_build, latte_aoti, python_runtime, tmp_path, options, message):
+    done, *_ = run_cpp(cpp_build, latte_aoti, encoded(python_runtime, tmp_path), tmp_path, **options)
+    assert done.returncode == 1 and done.stderr.startswith("error: ") and message in done.stderr, done.stderr
+    missing = run_cpp(cpp_build, tmp_path / "nowhere", encoded(python_runtime, tmp_path), tmp_path)[0]
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
