@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from foresight import make_controller
+from foresight import POLICIES, make_controller
 from foresight.errors import ConfigError
 from tests.foresight.test_golden import FILES, HAND
 
@@ -191,7 +191,9 @@ def test_bad_policies_are_refused_with_the_python_message(lib):
             CController(lib, config, 4, 1)
         options = {k: v for k, v in config.items() if k != "policy"}
         expected = python_error(lambda: make_controller(config["policy"], 4, 1, **options))
-        assert caught.value.status == status and str(caught.value) == expected.replace('"', "'")
+        if config["policy"] == "sometimes":  # Python lists every registered policy, tests' own included
+            expected = f"unknown policy 'sometimes': pass one of {', '.join(POLICIES)}"
+        assert caught.value.status == status and str(caught.value) == expected
     h = ctypes.c_void_p()
     assert lib.fs_controller_create(b"{not json", 4, 1, ctypes.byref(h)) == ARGUMENT
     assert b"malformed JSON" in lib.fs_last_error() and not h.value
