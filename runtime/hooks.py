@@ -46,7 +46,8 @@ step and by ``remove()``.
 
 ``torch.compile``: a transformer or block compiled by the user is refused (the compiled graph
 would bake one step's decision in); ``apply_foresight(..., compile=True)`` compiles each
-block's own computation instead, with the decisions made outside the graph.
+block's own computation instead, with the decisions made outside the graph (blocks alike share
+their compiled graphs: 3 graphs for the tiny Latte's 12 blocks).
 """
 
 from __future__ import annotations
