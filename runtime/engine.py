@@ -41,6 +41,17 @@ class GenerationResult:
     trace: dict = field(repr=False, default_factory=dict)
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """What ``generate(on_step=...)`` is told after each denoising step."""
+    step: int  # steps done, 1..steps
+    steps: int
+    layers_computed: int  # in this step
+    layers_skipped: int  # so far, every step's together
+    layers_total: int  # steps x layers
+    seconds: float  # this step's wall time (the plan, its engines, guidance and the scheduler step)
+
+
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 0 .. 2**64 - 1
 
 
@@ -151,21 +162,24 @@ class Runtime:
     def generate(self, prompt: str, negative_prompt: str | None = None, num_frames: int | None = None,
                  height: int | None = None, width: int | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, seed: int = 0, policy=None, progress: bool = False,
-                 decode: bool = True, guidance_scale_2: float | None = None, **policy_overrides) -> GenerationResult:
+                 decode: bool = True, guidance_scale_2: float | None = None, on_step=None,
+                 **policy_overrides) -> GenerationResult:
         """One video. ``policy``: a name (``none``, ``static``, ``foresight``...), a policy object, or a
         ``Controller`` (reset here); ``policy_overrides`` set its options (``threshold=...``).
         ``guidance_scale_2``: the second expert's guidance (two-expert models, Wan 2.2 A14B).
-        Concurrent calls on one Runtime run one after another (see the module docstring)."""
+        ``on_step(StepInfo)`` is called after every denoising step; an exception it raises stops the
+        generation between steps and propagates (a server cancels a job this way; the next call starts
+        from fresh state). Concurrent calls on one Runtime run one after another (see the module docstring)."""
         t_start = time.perf_counter()
         req = check_request(self.manifest, prompt, negative_prompt, num_frames, height, width, num_inference_steps,
                             guidance_scale, seed, guidance_scale_2)
         controller = self.controller(policy, **policy_overrides)
         controller.config.check_run(self.num_layers, req["steps"])
         with self._lock:
-            return self._generate(req, controller, progress, decode, t_start)
+            return self._generate(req, controller, progress, decode, t_start, on_step)
 
     def _generate(self, req: dict, controller: Controller, progress: bool, decode: bool,
-                  t_start: float) -> GenerationResult:
+                  t_start: float, on_step=None) -> GenerationResult:
         self.parts.latent_frames(req["frames"])  # the VAE's frame rule, naming the nearest valid counts
         prompt, seed, config = req["prompt"], req["seed"], controller.config
         frames, height, width, steps = req["frames"], req["height"], req["width"], req["steps"]
@@ -205,7 +219,7 @@ class Runtime:
         with contextlib.ExitStack() as stack:
             for backend in self.backends:
                 stack.enter_context(backend.denoise_context())
-            latents = self._denoise(sampler, pool, controller, bar)
+            latents = self._denoise(sampler, pool, controller, bar, on_step)
         if bar is not None:
             bar.close()
         if self.device.type == "cuda":
@@ -257,12 +271,14 @@ class Runtime:
         """Layer engine calls so far, every expert's together (a counter tests prove reuse with)."""
         return sum(b.calls[layer.name] for b in self.backends for layer in self.manifest.layers)
 
-    def _denoise(self, sampler, pool, controller, bar):
+    def _denoise(self, sampler, pool, controller, bar, on_step=None):
         """The denoising loop: the pipeline's sampler prepares each step's stem inputs and applies
         guidance and the scheduler step; the controller's plan decides which layers run, on the
         engines of the expert the sampler names for the step."""
         latents = sampler.latents
-        for i in range(len(sampler.timesteps)):
+        steps, skipped = len(sampler.timesteps), 0
+        for i in range(steps):
+            t0 = time.perf_counter()
             sampler.fill(pool.stem_in, latents, i)
             plan = controller.plan(i)
             backend = self.backends[sampler.experts[i]]
@@ -271,6 +287,10 @@ class Runtime:
             if bar is not None:
                 bar.set_postfix_str(f"layers {len(plan.computed)}/{self.num_layers}")
                 bar.update()
+            if on_step is not None:
+                skipped += self.num_layers - len(plan.computed)
+                on_step(StepInfo(i + 1, steps, len(plan.computed), skipped, steps * self.num_layers,
+                                 time.perf_counter() - t0))
         return latents
 
     def _name_non_finite(self, plan, pool: BufferPool, step: int) -> None:
