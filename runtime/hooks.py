@@ -173,10 +173,10 @@ def _hook_classes():
 class _Session:
     """The state of one applied Foresight: the controller, the caches and the step clock."""
 
-    def __init__(self, controller: Controller, layouts, experts_layers, pipe, boundary_ratio, passes_per_step):
+    def __init__(self, controller: Controller, layout, experts_layers, pipe, boundary_ratio, passes_per_step):
         self.controller = controller
         self.config = controller.config
-        self.layout = layouts[0]
+        self.layout = layout
         self.experts_layers = experts_layers  # per expert: list of layers, each a tuple of blocks
         self.pipe = pipe
         self.boundary_ratio = boundary_ratio
@@ -185,6 +185,7 @@ class _Session:
         self.generations = 0
         self._active = False  # a generation is running
         self._stats = None
+        self._blocks_checked = set()  # experts whose blocks were checked for torch.compile this generation
 
     # ---------------------------------------------------------------- generation and step clock
     def new_generation(self, timesteps=None) -> None:
@@ -205,6 +206,7 @@ class _Session:
         self.in_pass = False
         self.last_timestep = None
         self.pending = []  # per pass: {(layer, probe): mse tensor}, while the step measures
+        self._blocks_checked = set()
         self.generations += 1
         self._active = True
 
@@ -222,11 +224,14 @@ class _Session:
         return float(t.flatten()[0]) if isinstance(t, torch.Tensor) else float(t)
 
     def begin_pass(self, expert: int, module, args, kwargs) -> None:
-        for m in (module, *(b for layer in self.experts_layers[expert] for b in layer)):
+        # The transformer every pass; its blocks (compiled, if at all, between calls) once per generation.
+        blocks = () if expert in self._blocks_checked else (b for layer in self.experts_layers[expert] for b in layer)
+        for m in (module, *blocks):
             if _compiled(m):
                 raise ConfigError(f"{type(m).__name__} was compiled with torch.compile after apply_foresight: the "
                                   f"compiled graph would bake one step's decision in; remove the compile and pass "
                                   f"compile=True to apply_foresight, which compiles each block's computation instead")
+        self._blocks_checked.add(expert)
         if self.pipe is not None:
             self._check_scheduler()
             # No set_timesteps seen (the scheduler was set up before the hooks), or the last pass raised.
@@ -481,10 +486,10 @@ def apply_foresight(target, policy: str | Policy | None = None, *, warmup: int |
         raise ConfigError(f"apply_foresight takes a diffusers pipeline or its transformer (got {type(target).__name__}); "
                           f"it supports {supported()}")
 
-    layouts = [_layout(t) for t in transformers]
     if len({type(t).__name__ for t in transformers}) != 1:
         raise ConfigError("the two experts are different models")
-    experts_layers = [layout.layers(t) for layout, t in zip(layouts, transformers)]
+    layout = _layout(transformers[0])  # one class, so one layout for every expert
+    experts_layers = [layout.layers(t) for t in transformers]
     if len({len(layers) for layers in experts_layers}) != 1:
         raise ConfigError(f"the experts have {[len(x) for x in experts_layers]} layers: Foresight needs as many in each")
     for t, layers in zip(transformers, experts_layers):
@@ -501,8 +506,8 @@ def apply_foresight(target, policy: str | Policy | None = None, *, warmup: int |
 
     from diffusers.hooks import HookRegistry
 
-    controller = Controller(config, len(experts_layers[0]), len(layouts[0].probes))
-    session = _Session(controller, layouts, experts_layers, pipe, boundary, passes_per_step)
+    controller = Controller(config, len(experts_layers[0]), len(layout.probes))
+    session = _Session(controller, layout, experts_layers, pipe, boundary, passes_per_step)
     session.transformers = transformers
     BlockHook, TransformerHook = _hook_classes()
     registries = []

@@ -63,7 +63,7 @@ def train_video_vae(vae, clips: np.ndarray, args, log: list) -> None:
 
     def vae_loss(step):
         x = videos(clips, torch.randint(0, len(clips), (args.vae_batch,), generator=gen).numpy())
-        return kl_vae_loss(vae, x, gen, args.kl_weight)
+        return kl_vae_loss(vae, x, gen, args.kl_weight, args.vae_foreground_weight)
 
     vae.train()
     _optimise(list(vae.parameters()), args.vae_steps, args.vae_lr, "vae", vae_loss, log, "recon")
@@ -180,7 +180,7 @@ def opensora(args, clips: np.ndarray, prompts: list[str], log: list):
 
     def spatial_loss(step):
         x = to_unit(frames[torch.randint(0, len(frames), (args.vae_batch,), generator=gen).numpy()])
-        return kl_vae_loss(spatial, x, gen, args.kl_weight)
+        return kl_vae_loss(spatial, x, gen, args.kl_weight, args.vae_foreground_weight)
 
     spatial.train()
     _optimise(list(spatial.parameters()), args.vae_steps, args.vae_lr, "vae", spatial_loss, log, "recon")

@@ -89,7 +89,7 @@ def train_vae(vae, clips: np.ndarray, args, log) -> float:
             group["lr"] = lr_at(step, args.vae_steps, args.vae_lr)
         idx = torch.randint(0, frames.shape[0], (args.vae_batch,), generator=gen)
         x = to_unit(frames[idx.numpy()])
-        loss, parts = kl_vae_loss(vae, x, gen, args.kl_weight)
+        loss, parts = kl_vae_loss(vae, x, gen, args.kl_weight, args.vae_foreground_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -217,6 +217,10 @@ def parse_args(argv=None):
                          "all channels: with several groups each group's contrast is normalised away, and colours on a "
                          "dark background, brighter than it in every channel, end up nearly alike in the latent "
                          "(black: 19x closer than on gray with 16 groups, 2x with 1)")
+    ap.add_argument("--vae-foreground-weight", type=float, default=None, metavar="W",
+                    help="weight the object's pixels 1 + W times in the VAE's reconstruction loss (default: wan 20, "
+                         "others 0). Wan's VAE (RMS norms over channels at every position) otherwise learns the "
+                         "background and grey blobs for the small coloured object")
     ap.add_argument("--steps", type=int, default=5000, help="transformer training steps")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -254,6 +258,10 @@ def parse_args(argv=None):
         ap.error(f"--curriculum must be between 0 and --steps ({args.steps}) (got {args.curriculum})")
     args.out = args.out or ROOT / "exporter" / "presets" / f"{args.model}-tiny"
     args.frames = args.frames or {"latte": 8, "cogvideox": 9, "opensora": 17, "wan": 9}[args.model]
+    if args.vae_foreground_weight is None:
+        args.vae_foreground_weight = 20.0 if args.model == "wan" else 0.0
+    if args.vae_foreground_weight < 0:
+        ap.error(f"--vae-foreground-weight must be >= 0 (got {args.vae_foreground_weight})")
     return args
 
 

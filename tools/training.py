@@ -92,11 +92,29 @@ def to_unit(frames: np.ndarray) -> torch.Tensor:
     return x.movedim(-1, -3)
 
 
-def kl_vae_loss(vae, x: torch.Tensor, gen: torch.Generator, kl_weight: float):
-    """Reconstruction + a small KL term for a diffusers KL autoencoder on a batch ``x``."""
+def foreground_weights(x: torch.Tensor, weight: float) -> torch.Tensor:
+    """Per-pixel loss weights of a batch ``x`` (B, C, F, H, W) in [-1, 1]: ``1 + weight`` where a pixel
+    differs from its frame's median colour (the background) by more than 0.1 summed over channels, 1
+    elsewhere. The synthetic clips' object covers ~3% of the pixels."""
+    background = x.flatten(3).median(dim=3).values[..., None, None]
+    return 1.0 + weight * ((x - background).abs().sum(dim=1, keepdim=True) > 0.1).to(x.dtype)
+
+
+def kl_vae_loss(vae, x: torch.Tensor, gen: torch.Generator, kl_weight: float, foreground_weight: float = 0.0):
+    """Reconstruction + a small KL term for a diffusers KL autoencoder on a batch ``x``.
+
+    ``foreground_weight`` > 0 weights the object's pixels that much more (a weighted mean, so the loss
+    keeps its scale). Wan's VAE needs it at this size: its RMS norms scale every position's features to
+    one length, and with plain mse it learned the background and grey blobs where the coloured object
+    was (colour 17-33% after 300-1200 steps; the same VAE with weight 20: 77% after 200)."""
     posterior = vae.encode(x).latent_dist
     z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-    recon = F.mse_loss(vae.decode(z).sample, x)
+    decoded = vae.decode(z).sample
+    if foreground_weight:
+        w = foreground_weights(x, foreground_weight)
+        recon = (w * (decoded - x) ** 2).mean() / w.mean()
+    else:
+        recon = F.mse_loss(decoded, x)
     kl = posterior.kl().mean() / z[0].numel()
     return recon + kl_weight * kl, {"recon": recon.item(), "kl": kl.item()}
 

@@ -208,6 +208,8 @@ Runtime Runtime::load(const std::string& folder, const std::string& device_name,
     throw BackendError("the AOTInductor packages in " + m.root + " were built with instruction set " +
                        aoti.at("isa").get<std::string>() + ", this machine has " + at::get_cpu_capability() + "; " + fix);
   Runtime rt(std::move(m), device);
+  rt.scheduler_ = json::parse(read_file(rt.manifest_.path(
+      rt.manifest_.data.at("components").at("scheduler").get<std::string>() + "/scheduler_config.json")));
   std::vector<const PartSpec*> parts{&rt.manifest_.stem, &rt.manifest_.head};
   for (const auto& l : rt.manifest_.layers) parts.push_back(&l);
   for (const PartSpec* part : parts) {
@@ -353,8 +355,7 @@ DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
   auto controller = Controller(make_policy(req.policy), static_cast<int>(manifest_.layers.size()),
                                static_cast<int>(manifest_.probes.size()));
   controller.policy().check_run(controller.num_layers(), steps, nullptr);
-  const json sched = json::parse(read_file(manifest_.path(manifest_.data.at("components").at("scheduler").get<std::string>() +
-                                                          "/scheduler_config.json")));
+  const json& sched = scheduler_;
   if (sched.at("_class_name") != "DDIMScheduler")
     throw ConfigError("the C++ runtime's latte sampler steps DDIMScheduler; this folder's scheduler is " +
                       sched.at("_class_name").get<std::string>());

@@ -188,3 +188,38 @@ def test_wan_recipe_trains_and_exports_with_its_shape_and_text_length(tmp_path):
     assert pipeline["vae_scale_factor"] == 4 and pipeline["vae_scale_factor_temporal"] == 4
     with pytest.raises(SystemExit):
         train.parse_args(["--model", "wan", "--vae-norm-groups", "1"])
+
+
+def test_foreground_weights_mark_the_object_and_default_per_model():
+    import torch
+
+    from tools import synthetic
+
+    clip = next(iter(synthetic.dataset(1, seed=3, frames=2, height=32, width=32, layout="cross")))[1]
+    x = training.to_unit(clip).movedim(0, 1)[None]  # (1, 3, F, H, W)
+    w = training.foreground_weights(x, 20.0)
+    assert w.shape == (1, 1, 2, 32, 32) and set(w.unique().tolist()) == {1.0, 21.0}
+    share = (w > 1).float().mean().item()
+    assert 0.005 < share < 0.2  # the object, not the background
+    obj = w[0, 0, 0] > 1
+    bg = x[0, :, 0][:, ~obj].mean(dim=1)
+    assert torch.all((x[0, :, 0][:, obj] - bg[:, None]).abs().sum(dim=0) > 0.1)
+    assert train.parse_args(["--model", "wan"]).vae_foreground_weight == 20.0
+    assert train.parse_args(["--model", "cogvideox"]).vae_foreground_weight == 0.0
+    with pytest.raises(SystemExit):
+        train.parse_args(["--vae-foreground-weight", "-1"])
+
+
+def test_a_zero_foreground_weight_is_plain_mse():
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+                           scale_factor_spatial=2, scale_factor_temporal=2, latents_mean=[0.0] * 4,
+                           latents_std=[1.0] * 4)
+    x = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    plain, _ = training.kl_vae_loss(vae, x, torch.Generator().manual_seed(1), 1e-4)
+    zero, _ = training.kl_vae_loss(vae, x, torch.Generator().manual_seed(1), 1e-4, 0.0)
+    weighted, _ = training.kl_vae_loss(vae, x, torch.Generator().manual_seed(1), 1e-4, 20.0)
+    assert torch.equal(plain, zero) and not torch.equal(plain, weighted)

@@ -95,6 +95,7 @@ class Runtime {
   c10::Device device_;
   std::map<std::string, std::shared_ptr<Executor>> executors_;
   std::map<std::string, long> calls_;
+  nlohmann::json scheduler_;  // the scheduler's config, read once at load (its file was hashed then)
   std::vector<at::Tensor> run(const PartSpec& part, const std::map<std::string, at::Tensor>& inputs);
 };
 
