@@ -10,6 +10,7 @@
 #                        AOTInductor packages compiled for CUDA vs torch on CUDA (with and without CUDA graphs)
 #   demo.gif, reuse.png, stats.json   foresight-run of the shipped preset on the GPU (aoti backend, CUDA graphs)
 #   wan-a14b.gif, wan-a14b-stats.json the two-expert Wan 2.2 layout on CUDA packages (stages, experts per step)
+#   serve-load-cuda.json foresight-serve on CUDA (aoti): 40 requests, none lost, every video equal to one process's
 #   tensorrt.txt         what a machine with TensorRT must run (run here when tensorrt is importable)
 # Packages missing there (diffusers) travel as wheels in .whl/ (see the device notes in the README).
 set -uo pipefail
@@ -56,6 +57,14 @@ timeout 150 export_cli --model wan --preset tiny-random-a14b --out "$ENG/wan-a14
 timeout 60 run_cli --engines "$ENG/wan-a14b-aoti" --backend aoti --device cuda --steps 10 --prompt "$PROMPT" \
     --out "$OUT/wan-a14b.gif" --stats "$OUT/wan-a14b-stats.json" --quiet 2>&1 | tail -3
 ls -la "$OUT"
+
+echo "== 4c. foresight-serve on CUDA: 40 requests from 8 clients, every video equal to one process's"
+if python3 -c "import fastapi, uvicorn, prometheus_client, requests" 2>/dev/null; then
+    timeout 240 python3 -m tools.serve_load --engines "$ENG/latte-tiny-aoti" --backend aoti --device cuda \
+        --requests 40 --clients 8 --json "$OUT/serve-load-cuda.json" 2>&1 | tail -20
+else
+    echo "(fastapi/uvicorn/prometheus-client/requests not importable here: carry their wheels in .whl/)"
+fi
 
 echo "== 5. TensorRT"
 { echo "A machine with tensorrt (pip install 'foresight-dit[tensorrt]') and a GPU must run:"

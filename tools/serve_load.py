@@ -109,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--size", default="16x16")
     ap.add_argument("--frames", type=int, default=4)
+    ap.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch", "aoti"])
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--ray", action="store_true")
     ap.add_argument("--replicas", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None, help="also write the summary here")
@@ -122,7 +124,7 @@ def main(argv=None) -> int:
                "size": args.size, "frames": args.frames, "policy": "foresight", "warmup": 2, "recalculate": 2}
               for i in range(args.requests)]
     key = lambda b: b["seed"]  # noqa: E731 (the only field that varies)
-    gen = Generator({model: str(args.engines)}, backend="onnxruntime", device="cpu")
+    gen = Generator({model: str(args.engines)}, backend=args.backend, device=args.device)
     references = {}
     for b in bodies[:args.distinct]:
         params = gen.check(model, dict(b))
@@ -133,7 +135,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="serve-load-") as tmp:
         url = args.url
         if url is None:
-            extra = ["--max-queue", str(args.requests)] + (["--ray", "--replicas", str(args.replicas)] if args.ray else [])
+            extra = ["--max-queue", str(args.requests), "--backend", args.backend, "--device", args.device]
+            extra += ["--ray", "--replicas", str(args.replicas)] if args.ray else []
             proc, url = start_server(args.engines, Path(tmp) / "data", extra)
         try:
             load = run_load(url, bodies, args.clients)
@@ -141,7 +144,8 @@ def main(argv=None) -> int:
             if proc is not None:
                 proc.terminate()
                 proc.wait(120)
-    summary = {"mode": f"ray, {args.replicas} replica(s)" if args.ray else "local", "clients": args.clients,
+    summary = {"mode": f"ray, {args.replicas} replica(s)" if args.ray else "local", "backend": args.backend,
+               "device": args.device, "clients": args.clients,
                "steps": args.steps, "size": args.size, "frames": args.frames,
                **summarise(load, references, bodies, key)}
     print(json.dumps(summary, indent=1))

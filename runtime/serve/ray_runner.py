@@ -24,7 +24,7 @@ import time
 
 from ..errors import ConfigError, ForesightError, ShapeError
 from .generator import Generator, public_stats
-from .workers import JobCancelled, Metrics, write_result
+from .workers import JobCancelled, Metrics, ThreadedRunner, write_result
 
 log = logging.getLogger("foresight.serve")
 
@@ -36,6 +36,21 @@ def parse_autoscale(value: str | None) -> tuple[int, int] | None:
     if not sep or not lo.isdigit() or not hi.isdigit() or not 0 <= int(lo) <= int(hi) or int(hi) < 1:
         raise ConfigError(f"--autoscale takes MIN:MAX with 0 <= MIN <= MAX, MAX >= 1 (got {value!r}), e.g. 1:4")
     return int(lo), int(hi)
+
+
+def deployment_options(replicas: int, autoscale: tuple[int, int] | None, gpus: int) -> dict:
+    """The Ray Serve deployment options: one GPU per replica on GPU machines (one CPU otherwise), a
+    fixed count or Serve's autoscaling on ongoing requests (one job per replica is the target)."""
+    options = {"name": "foresight_replica", "max_ongoing_requests": 4,  # a run plus quick check() calls
+               "ray_actor_options": {"num_cpus": 0 if gpus else 1, "num_gpus": gpus},
+               "health_check_period_s": 2, "health_check_timeout_s": 30}
+    if autoscale:
+        options["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
+                                         "initial_replicas": max(1, autoscale[0]), "target_ongoing_requests": 1,
+                                         "upscale_delay_s": 2, "downscale_delay_s": 60}
+    else:
+        options["num_replicas"] = replicas
+    return options
 
 
 class ForesightReplica:
@@ -93,11 +108,12 @@ class ForesightReplica:
             cancel.set()
 
 
-class RayRunner:
+class RayRunner(ThreadedRunner):
     kind = "ray"
 
     def __init__(self, engines: dict[str, str], backend: str, device: str | None, replicas: int = 1,
                  autoscale: tuple[int, int] | None = None, address: str | None = None):
+        super().__init__()
         try:
             import ray
             from ray import serve
@@ -109,24 +125,11 @@ class RayRunner:
                  configure_logging=False)
         serve.start(proxy_location="Disabled")  # the API is this server's; Serve routes handle calls only
         gpus = 1 if (device or "").startswith("cuda") or (device is None and _cuda()) else 0
-        options = {"name": "foresight_replica", "max_ongoing_requests": 4,
-                   "ray_actor_options": {"num_cpus": 0 if gpus else 1, "num_gpus": gpus},
-                   "health_check_period_s": 2, "health_check_timeout_s": 30}
-        if autoscale:
-            options["autoscaling_config"] = {"min_replicas": autoscale[0], "max_replicas": autoscale[1],
-                                             "initial_replicas": max(1, autoscale[0]), "target_ongoing_requests": 1,
-                                             "upscale_delay_s": 2, "downscale_delay_s": 60}
-            self.workers = autoscale[1]
-        else:
-            options["num_replicas"] = replicas
-            self.workers = replicas
+        options = deployment_options(replicas, autoscale, gpus)
+        self.workers = autoscale[1] if autoscale else replicas  # dispatchers: at most one job per replica
         deployment = serve.deployment(ForesightReplica, **options)
         self.handle = serve.run(deployment.bind(engines, backend, device), name="foresight", route_prefix=None)
         self._models = self.handle.models.remote().result()
-        self._stop = threading.Event()
-        self._wake = threading.Condition()
-        self._threads: list[threading.Thread] = []
-        self.requeued = 0
 
     def models(self) -> dict:
         return self._models
@@ -137,41 +140,18 @@ class RayRunner:
             raise (ShapeError if out["kind"] == "ShapeError" else ConfigError)(out["error"])
         return out["ok"]
 
-    def notify(self) -> None:
-        with self._wake:
-            self._wake.notify_all()
-
     def start(self, store, data_dir, metrics: Metrics) -> None:
         for i in range(self.workers):
-            t = threading.Thread(target=self._dispatch_loop, args=(store, data_dir, metrics),
-                                 name=f"foresight-dispatch-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
+            self._spawn(f"foresight-dispatch-{i}", list(self._models), store, data_dir, metrics)
 
-    def stop(self, timeout: float = 30.0) -> int:
-        self._stop.set()
-        self.notify()
-        deadline = time.monotonic() + timeout
-        for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
+    def _shutdown(self) -> None:
         try:
             self._serve.shutdown()
         finally:
             if self._started_ray:
                 self._ray.shutdown()
-        return self.requeued
 
-    def _dispatch_loop(self, store, data_dir, metrics) -> None:
-        while not self._stop.is_set():
-            job = store.claim(list(self._models))
-            if job is None:
-                with self._wake:
-                    self._wake.wait(0.5)
-                continue
-            if self._dispatch(job, store, data_dir, metrics) == "queued":
-                self.requeued += 1
-
-    def _dispatch(self, job, store, data_dir, metrics) -> str:
+    def _run(self, job, store, data_dir, metrics) -> str:
         from ray.exceptions import RayActorError, RayTaskError
         from ray.serve.exceptions import RequestCancelledError
 

@@ -86,18 +86,61 @@ def video_path(data_dir: Path, job_id: str) -> Path:
     return data_dir / "videos" / f"{job_id}.mp4"
 
 
-class LocalRunner:
+class ThreadedRunner:
+    """Worker threads that claim jobs from the store until :meth:`stop`; subclasses say which models a
+    thread claims and how it runs a job (``_run``, returning the job's new state)."""
+
+    def __init__(self):
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+        self._wake = threading.Condition()
+        self.requeued = 0  # running jobs put back in the queue by stop()
+
+    def _spawn(self, name: str, models: list[str], store: JobStore, data_dir: Path, metrics: Metrics) -> None:
+        t = threading.Thread(target=self._loop, args=(models, store, data_dir, metrics), name=name, daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """Stop at the running jobs' next step; they go back to the queue. Returns how many did."""
+        self._stop.set()
+        self.notify()
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._shutdown()
+        return self.requeued
+
+    def _shutdown(self) -> None:
+        pass
+
+    def _loop(self, models: list[str], store: JobStore, data_dir: Path, metrics: Metrics) -> None:
+        while not self._stop.is_set():
+            job = store.claim(models)
+            if job is None:
+                with self._wake:
+                    self._wake.wait(0.5)
+                continue
+            if self._run(job, store, data_dir, metrics) == "queued":
+                self.requeued += 1
+
+    def _run(self, job: Job, store: JobStore, data_dir: Path, metrics: Metrics) -> str:
+        raise NotImplementedError
+
+
+class LocalRunner(ThreadedRunner):
     """Runtimes loaded in this process; one worker thread per model claims that model's jobs in
     submission order (a Runtime runs one generation at a time; different models run side by side)."""
 
     kind = "local"
 
     def __init__(self, engines: dict[str, str], backend: str, device: str | None):
+        super().__init__()
         self.generator = Generator(engines, backend=backend, device=device)
-        self._threads: list[threading.Thread] = []
-        self._stop = threading.Event()
-        self._wake = threading.Condition()
-        self.requeued = 0
 
     @property
     def workers(self) -> int:
@@ -111,33 +154,10 @@ class LocalRunner:
 
     def start(self, store: JobStore, data_dir: Path, metrics: Metrics) -> None:
         for model in self.generator.runtimes:
-            t = threading.Thread(target=self._work, args=(model, store, data_dir, metrics),
-                                 name=f"foresight-worker-{model}", daemon=True)
-            t.start()
-            self._threads.append(t)
+            self._spawn(f"foresight-worker-{model}", [model], store, data_dir, metrics)
 
-    def notify(self) -> None:
-        with self._wake:
-            self._wake.notify_all()
-
-    def stop(self, timeout: float = 30.0) -> int:
-        """Stop at the running jobs' next step; they go back to the queue. Returns how many did."""
-        self._stop.set()
-        self.notify()
-        deadline = time.monotonic() + timeout
-        for t in self._threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        return self.requeued
-
-    def _work(self, model: str, store: JobStore, data_dir: Path, metrics: Metrics) -> None:
-        while not self._stop.is_set():
-            job = store.claim([model])
-            if job is None:
-                with self._wake:
-                    self._wake.wait(0.5)
-                continue
-            if run_job(job, store, data_dir, metrics, self.generator, self._stop) == "queued":
-                self.requeued += 1
+    def _run(self, job, store, data_dir, metrics) -> str:
+        return run_job(job, store, data_dir, metrics, self.generator, self._stop)
 
 
 def run_job(job: Job, store: JobStore, data_dir: Path, metrics: Metrics, generator: Generator,

@@ -79,6 +79,22 @@ def test_a_killed_replica_s_job_finishes_on_a_live_one(ray_server, reference):
     assert ray_server.get(f"/v1/videos/{job['id']}/content").content == reference(**body)
 
 
+def test_deployment_options_and_autoscale_flag():
+    from runtime.errors import ConfigError
+    from runtime.serve.ray_runner import deployment_options, parse_autoscale
+
+    fixed = deployment_options(3, None, gpus=1)
+    assert fixed["num_replicas"] == 3 and fixed["ray_actor_options"] == {"num_cpus": 0, "num_gpus": 1}
+    auto = deployment_options(1, parse_autoscale("0:4"), gpus=0)
+    assert "num_replicas" not in auto and auto["ray_actor_options"] == {"num_cpus": 1, "num_gpus": 0}
+    cfg = auto["autoscaling_config"]
+    assert (cfg["min_replicas"], cfg["max_replicas"], cfg["initial_replicas"], cfg["target_ongoing_requests"]) == \
+        (0, 4, 1, 1)
+    for bad in ("4", "3:1", "a:b", "0:0"):
+        with pytest.raises(ConfigError, match="--autoscale takes MIN:MAX"):
+            parse_autoscale(bad)
+
+
 def test_sigterm_shuts_ray_down(ray_server):
     # uvicorn re-raises the SIGTERM after its shutdown; the handler Ray installs makes that exit status 15
     assert ray_server.stop(signal.SIGTERM, timeout=120) in (0, signal.SIGTERM, -signal.SIGTERM)
