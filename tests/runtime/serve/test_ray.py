@@ -19,7 +19,7 @@ FAST = {"steps": 4, "size": "16x16", "frames": 4, "policy": "foresight", "warmup
 
 @pytest.fixture(scope="module")
 def ray_server(engines_dir, tmp_path_factory):
-    s = Server(engines_dir, tmp_path_factory.mktemp("serve-ray"), "--ray", "--replicas", "2", timeout=300)
+    s = Server(engines_dir, tmp_path_factory.mktemp("serve-ray"), "--ray", "--replicas", "2", timeout=600)
     yield s
     s.kill()
 
