@@ -229,3 +229,28 @@ def test_policy_configs_and_overrides(runtime_ort):
     r = runtime_ort.generate(PROMPT, num_inference_steps=6, policy=ForesightConfig(warmup=2, recalculate=3),
                              threshold=50.0, decode=False)
     assert r.stats["policy_config"] == {"policy": "foresight", "warmup": 2, "recalculate": 3, "threshold": 50.0}
+
+
+def test_on_step_reports_every_step_and_an_exception_stops_between_steps(runtime_ort):
+    kw = dict(num_frames=4, height=16, width=16, num_inference_steps=8, seed=3, policy="foresight", warmup=2,
+              recalculate=3)
+    seen = []
+    full = runtime_ort.generate("a red ball moving right", on_step=seen.append, **kw)
+    assert [i.step for i in seen] == list(range(1, 9)) and {i.steps for i in seen} == {8}
+    assert [i.layers_computed for i in seen] == [len(s["computed"]) for s in full.trace["steps"]]
+    assert seen[-1].layers_skipped == full.stats["layer_calls_skipped"] > 0
+    assert {i.layers_total for i in seen} == {8 * runtime_ort.num_layers} and all(i.seconds > 0 for i in seen)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(info):
+        if info.step == 3:
+            raise Stop()
+
+    calls_before = runtime_ort.layer_engine_calls()
+    with pytest.raises(Stop):
+        runtime_ort.generate("a red ball moving right", on_step=stop_at_3, **kw)
+    assert runtime_ort.layer_engine_calls() - calls_before == sum(i.layers_computed for i in seen[:3])
+    again = runtime_ort.generate("a red ball moving right", **kw)  # fresh state after the stop
+    assert torch.equal(again.latents, full.latents) and again.trace["steps"] == full.trace["steps"]
