@@ -26,6 +26,7 @@ class Server:
 
     def __init__(self, engines, data_dir, *extra: str, timeout: float = 180.0):
         engines = engines if isinstance(engines, (list, tuple)) else [engines]
+        self.data_dir = Path(data_dir)
         cmd = [sys.executable, "-m", "runtime.serve.cli", "--port", "0", "--data-dir", str(data_dir), *extra]
         for e in engines:
             cmd += ["--engines", str(e)]

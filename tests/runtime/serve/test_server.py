@@ -191,6 +191,21 @@ def test_clients_that_disconnect_leave_the_server_whole(server):
     assert server.get(url).content == whole
     assert server.get("/health").status_code == 200
     assert server.get("/v1/videos", params={"limit": 1}).json()["data"][0]["id"] == before  # no job from it
+    # A download cut mid-way: the tiny videos fit in the socket buffers, so this job's file is
+    # replaced by 24 MB (in the test's own data folder) and the client hangs up after 64 KB.
+    big = server.wait(server.submit(prompt=PROMPT, seed=10, **FAST)["id"])
+    payload = bytes(range(256)) * (24 * 4096)
+    (server.data_dir / "videos" / f"{big['id']}.mp4").write_bytes(payload)
+    for _ in range(3):
+        with socket.create_connection((host, port)) as c:
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            c.sendall(f"GET /v1/videos/{big['id']}/content HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            got = 0
+            while got < 65536:
+                chunk = c.recv(65536)
+                assert chunk, "the server closed the download early"
+                got += len(chunk)
+    assert server.get(f"/v1/videos/{big['id']}/content").content == payload  # the file and the server intact
 
 
 BAD = [
