@@ -11,7 +11,7 @@ import secrets
 import tempfile
 from pathlib import Path
 
-from foresight import POLICIES, make_config, policy_options
+from foresight import POLICIES, policy_options
 
 from ..errors import ConfigError, ShapeError
 
@@ -79,8 +79,7 @@ class Generator:
         if wrong:
             takes = ", ".join(policy_options(policy)) or "no options"
             raise ConfigError(f"{', '.join(wrong)} do(es) not apply to policy {policy}; it takes {takes}")
-        values = dict(rt.manifest.foresight_defaults) if policy == "foresight" else {}
-        make_config(policy, **{**values, **given}).check_run(rt.num_layers, req["steps"])
+        rt.make_policy(policy, **given).check_run(rt.num_layers, req["steps"])  # the manifest's defaults + given
         return {"model": model, "prompt": req["prompt"], "negative_prompt": params.get("negative_prompt"),
                 "frames": req["frames"], "height": req["height"], "width": req["width"], "steps": req["steps"],
                 "guidance": req["guidance_scale"], "guidance_2": params.get("guidance_2"), "seed": req["seed"],
@@ -96,14 +95,16 @@ class Generator:
                            guidance_scale_2=params.get("guidance_2"), seed=params["seed"], policy=params["policy"],
                            on_step=on_step, **policy_kw)
 
-    def mp4_bytes(self, params: dict, frames) -> bytes:
-        """The video exactly as ``foresight-run --out x.mp4`` writes it."""
+    def write_mp4(self, params: dict, frames, path) -> Path:
+        """The video written atomically at ``path`` exactly as ``foresight-run --out x.mp4`` writes it."""
         from ..video import write_video
 
-        fps = self.runtimes[params["model"]].parts.config.get("fps", 8)
+        return write_video(frames, path, fps=self.runtimes[params["model"]].parts.config.get("fps", 8))
+
+    def mp4_bytes(self, params: dict, frames) -> bytes:
+        """The same video as bytes (a Ray replica sends it to the server)."""
         with tempfile.TemporaryDirectory(prefix="foresight-serve-") as tmp:
-            path = write_video(frames, Path(tmp) / "video.mp4", fps=fps)
-            return path.read_bytes()
+            return self.write_mp4(params, frames, Path(tmp) / "video.mp4").read_bytes()
 
 
 def parse_size(size) -> tuple[int, int]:

@@ -21,8 +21,10 @@ import logging
 import os
 import threading
 import time
+from pathlib import Path
 
 from ..errors import ConfigError, ForesightError, ShapeError
+from ..outputs import atomic_write
 from .generator import Generator, public_stats
 from .workers import JobCancelled, Metrics, ThreadedRunner, write_result
 
@@ -170,8 +172,10 @@ class RayRunner(ThreadedRunner):
                         why = "cancel" if cancel else "stop"
                         stream.cancel()
                 elif kind == "done":
-                    write_result(job, store, data_dir, metrics, payload["video"], payload["stats"],
-                                 time.perf_counter() - t0)
+                    video = payload["video"]
+                    write_result(job, store, data_dir, metrics,
+                                 lambda path: atomic_write(path, lambda tmp: Path(tmp).write_bytes(video)),
+                                 payload["stats"], time.perf_counter() - t0)
                     return "completed"
                 elif kind == "cancelled":
                     break

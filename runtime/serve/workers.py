@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from ..errors import ForesightError
-from ..outputs import atomic_write, clean_stale
+from ..outputs import clean_stale
 from .generator import Generator, public_stats
 from .store import Job, JobStore
 
@@ -175,7 +175,7 @@ def run_job(job: Job, store: JobStore, data_dir: Path, metrics: Metrics, generat
 
     try:
         result = generator.generate(job.params, on_step=on_step)
-        write_result(job, store, data_dir, metrics, generator.mp4_bytes(job.params, result.frames),
+        write_result(job, store, data_dir, metrics, lambda path: generator.write_mp4(job.params, result.frames, path),
                      public_stats(result.stats), time.perf_counter() - t0)
         return "completed"
     except JobCancelled:
@@ -191,11 +191,12 @@ def run_job(job: Job, store: JobStore, data_dir: Path, metrics: Metrics, generat
     return "failed"
 
 
-def write_result(job: Job, store: JobStore, data_dir: Path, metrics: Metrics, video: bytes, stats: dict,
+def write_result(job: Job, store: JobStore, data_dir: Path, metrics: Metrics, write, stats: dict,
                  seconds: float) -> None:
-    """The finished job's mp4 written atomically under ``videos/``, then the job marked completed."""
+    """The finished job's mp4 written under ``videos/`` by ``write(path)`` (atomically: a temporary
+    renamed into place), then the job marked completed."""
     path = video_path(data_dir, job.id)
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(video))
+    write(path)
     store.complete(job.id, path.name, stats)
     metrics.job_done(job.model, seconds, stats["layer_calls_skipped"], stats["steps"] * stats["num_layers"])
 
