@@ -16,6 +16,7 @@ connection, serialised by a lock; SQLite's WAL journal keeps the file consistent
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
@@ -115,37 +116,34 @@ class JobStore:
             self._db.close()
 
     # ------------------------------------------------------------------ writes
-    def _tx(self, sql: str, args=()) -> list[sqlite3.Row]:
+    @contextlib.contextmanager
+    def _transaction(self):
+        """One write transaction (BEGIN IMMEDIATE: the write lock up front), committed or rolled back."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                rows = self._db.execute(sql, args).fetchall()
+                yield self._db
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return rows
+
+    def _tx(self, sql: str, args=()) -> list[sqlite3.Row]:
+        with self._transaction() as db:
+            return db.execute(sql, args).fetchall()
 
     def submit(self, model: str, params: dict, max_queue: int | None = None) -> Job | None:
         """A new queued job, or None when ``max_queue`` jobs are already queued (checked in the
         same transaction as the insert, so concurrent submissions cannot overshoot it)."""
         job_id = "video_" + uuid.uuid4().hex
-        now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                if max_queue is not None:
-                    (queued,) = self._db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()
-                    if queued >= max_queue:
-                        self._db.execute("ROLLBACK")
-                        return None
-                (seq,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()
-                self._db.execute("INSERT INTO jobs (id, seq, model, params, state, created_at) VALUES (?, ?, ?, ?, "
-                                 "'queued', ?)", (job_id, seq, model, json.dumps(params), now))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._transaction() as db:
+            if max_queue is not None:
+                (queued,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetchone()
+                if queued >= max_queue:
+                    return None
+            (seq,) = db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM jobs").fetchone()
+            db.execute("INSERT INTO jobs (id, seq, model, params, state, created_at) VALUES (?, ?, ?, ?, 'queued', ?)",
+                       (job_id, seq, model, json.dumps(params), time.time()))
         return self.get(job_id)
 
     def claim(self, models) -> Job | None:
