@@ -123,6 +123,8 @@ class RayRunner(ThreadedRunner):
             raise ConfigError("--ray needs Ray Serve: pip install 'foresight-dit[ray]'") from None
         self._ray, self._serve = ray, serve
         self._started_ray = not ray.is_initialized() and address is None
+        # Nothing leaves this machine at run time: Ray's usage statistics report home unless told not to.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                  configure_logging=False)
         serve.start(proxy_location="Disabled")  # the API is this server's; Serve routes handle calls only
