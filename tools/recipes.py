@@ -125,10 +125,10 @@ def cogvideox(args, clips: np.ndarray, prompts: list[str], log: list):
     text_encoder = text_encoder_for(tokenizer, args.seed + 2)
     torch.manual_seed(args.seed + 3)
     transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=args.hidden // 16, attention_head_dim=16, in_channels=4, out_channels=4,
-        time_embed_dim=args.hidden, text_embed_dim=TEXT_DIM, num_layers=args.layers, sample_width=latents.shape[-1],
-        sample_height=latents.shape[-2], sample_frames=args.frames, patch_size=1, max_text_seq_length=COG_TEXT_TOKENS,
-        temporal_compression_ratio=4, use_rotary_positional_embeddings=False)
+        num_attention_heads=args.hidden // args.head_dim, attention_head_dim=args.head_dim, in_channels=4,
+        out_channels=4, time_embed_dim=args.hidden, text_embed_dim=TEXT_DIM, num_layers=args.layers,
+        sample_width=latents.shape[-1], sample_height=latents.shape[-2], sample_frames=args.frames, patch_size=1,
+        max_text_seq_length=COG_TEXT_TOKENS, temporal_compression_ratio=4, use_rotary_positional_embeddings=False)
     scheduler = CogVideoXDDIMScheduler(**COGVIDEOX_SCHEDULER, snr_shift_scale=3.0)
     alphas = scheduler.alphas_cumprod.float()  # zero-terminal-SNR, SNR-shifted: what sampling assumes
     ids = tokenizer(prompts + [""], padding="max_length", max_length=COG_TEXT_TOKENS, truncation=True,
@@ -220,9 +220,10 @@ def opensora(args, clips: np.ndarray, prompts: list[str], log: list):
     tokenizer = word_tokenizer([*synthetic.vocabulary(), *SCORE_WORDS])
     text_encoder = text_encoder_for(tokenizer, args.seed + 3)
     torch.manual_seed(args.seed + 4)
-    transformer = STDiT3(STDiT3Config(depth=args.layers, hidden_size=args.hidden, num_heads=args.hidden // 16,
-                                      patch_size=(1, 1, 1), caption_channels=TEXT_DIM,
-                                      model_max_length=OS_TEXT_TOKENS, input_sq_size=args.size)).initialize_weights()
+    transformer = STDiT3(STDiT3Config(depth=args.layers, hidden_size=args.hidden,
+                                      num_heads=args.hidden // args.head_dim, patch_size=(1, 1, 1),
+                                      caption_channels=TEXT_DIM, model_max_length=OS_TEXT_TOKENS,
+                                      input_sq_size=args.size)).initialize_weights()
     tok = tokenizer([append_score(p, 6.5) for p in prompts], padding="max_length", max_length=OS_TEXT_TOKENS,
                     truncation=True, return_tensors="pt")
     ids, mask = tok.input_ids, tok.attention_mask
@@ -294,8 +295,8 @@ def wan(args, clips: np.ndarray, prompts: list[str], log: list):
         is_encoder_decoder=False))
     torch.manual_seed(args.seed + 3)
     transformer = WanTransformer3DModel(
-        patch_size=(1, 1, 1), num_attention_heads=args.hidden // 16, attention_head_dim=16, in_channels=4,
-        out_channels=4, text_dim=TEXT_DIM, freq_dim=64, ffn_dim=4 * args.hidden, num_layers=args.layers,
+        patch_size=(1, 1, 1), num_attention_heads=args.hidden // args.head_dim, attention_head_dim=args.head_dim,
+        in_channels=4, out_channels=4, text_dim=TEXT_DIM, freq_dim=64, ffn_dim=4 * args.hidden, num_layers=args.layers,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
     # At 32 px a high-noise shift (Wan's 3-5 for 480p-720p) would spend most steps where the tiny model has
     # nothing left to decide: trained on uniform noise levels and sampled without a shift.

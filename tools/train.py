@@ -62,7 +62,8 @@ def build_components(args):
     )
     latent = args.size // 4
     transformer = LatteTransformer3DModel(
-        num_attention_heads=args.hidden // 16, attention_head_dim=16, in_channels=4, out_channels=8,
+        num_attention_heads=args.hidden // args.head_dim, attention_head_dim=args.head_dim, in_channels=4,
+        out_channels=8,
         num_layers=args.layers, cross_attention_dim=args.hidden, attention_bias=True, sample_size=latent,
         patch_size=1, activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
         norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=TEXT_DIM, video_length=args.frames,
@@ -207,6 +208,11 @@ def parse_args(argv=None):
     ap.add_argument("--size", type=int, default=32, help="frame height and width in pixels")
     ap.add_argument("--layers", type=int, default=6)
     ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--head-dim", type=int, default=None, metavar="D",
+                    help="attention head width; heads = --hidden / D (default: wan 64, others 16). Wan's rotary "
+                         "embedding gives each spatial axis 2 * (D // 6) of a head's channels: at 16 that is two "
+                         "frequencies (1 and 0.01 rad per token), too few to tell which way an offset points, and "
+                         "the tiny Wan ignored the direction word; at 64 it is ten")
     ap.add_argument("--vae-steps", type=int, default=800)
     ap.add_argument("--vae-batch", type=int, default=32)
     ap.add_argument("--vae-lr", type=float, default=2e-3)
@@ -256,6 +262,10 @@ def parse_args(argv=None):
         ap.error(f"--vae-norm-groups must be >= 1 (got {args.vae_norm_groups})")
     if not 0 <= args.curriculum <= args.steps:
         ap.error(f"--curriculum must be between 0 and --steps ({args.steps}) (got {args.curriculum})")
+    if args.head_dim is None:
+        args.head_dim = 64 if args.model == "wan" else 16
+    if args.head_dim < 1 or args.hidden % args.head_dim:
+        ap.error(f"--head-dim must divide --hidden ({args.hidden}) (got {args.head_dim})")
     args.out = args.out or ROOT / "exporter" / "presets" / f"{args.model}-tiny"
     args.frames = args.frames or {"latte": 8, "cogvideox": 9, "opensora": 17, "wan": 9}[args.model]
     if args.vae_foreground_weight is None:

@@ -186,8 +186,19 @@ def test_wan_recipe_trains_and_exports_with_its_shape_and_text_length(tmp_path):
     assert (pipeline["default_frames"], pipeline["default_height"], pipeline["default_width"]) == (9, 32, 32)
     assert pipeline["max_text_length"] == 16 and pipeline["default_guidance"] == 4.0
     assert pipeline["vae_scale_factor"] == 4 and pipeline["vae_scale_factor_temporal"] == 4
+    t = json.loads((out / "transformer" / "config.json").read_text())
+    assert (t["num_attention_heads"], t["attention_head_dim"]) == (1, 64)  # --head-dim's Wan default
     with pytest.raises(SystemExit):
         train.parse_args(["--model", "wan", "--vae-norm-groups", "1"])
+
+
+def test_head_dim_default_per_model_and_checked():
+    assert [train.parse_args(["--model", m]).head_dim for m in ("latte", "cogvideox", "opensora", "wan")] == \
+        [16, 16, 16, 64]  # wan: ten rotary frequencies per spatial axis instead of two
+    assert train.parse_args(["--model", "wan", "--head-dim", "32"]).head_dim == 32
+    for bad in ("0", "48"):  # 48 does not divide --hidden 64
+        with pytest.raises(SystemExit):
+            train.parse_args(["--model", "wan", "--head-dim", bad])
 
 
 def test_foreground_weights_mark_the_object_and_default_per_model():
