@@ -97,6 +97,10 @@ std::string sha256_file(const std::string& path) {
 }
 
 // ------------------------------------------------------------------------------------ manifest
+const json& Manifest::aoti_parts(int expert) const {
+  return expert == 0 ? data.at("aoti").at("parts") : data.at("experts").at(expert - 1).at("aoti");
+}
+
 std::string Manifest::path(const std::string& relative) const {
   std::error_code ec;
   fs::path resolved = fs::weakly_canonical(fs::path(root) / relative, ec);
@@ -137,9 +141,6 @@ Manifest Manifest::load(const std::string& folder, bool verify_hashes) {
                         std::to_string(kMinSchemaVersion) + ".." + std::to_string(kSchemaVersion) + "); " + fix);
   try {
     if (m.data.at("format") != "foresight-engines") throw ManifestError(mpath + " is not a foresight-engines manifest; " + fix);
-    if (m.data.contains("experts") && !m.data["experts"].empty())
-      throw ManifestError(m.root + " has two experts (Wan 2.2 A14B): the C++ runtime runs one-transformer folders so "
-                          "far; use foresight-run --backend aoti");
     const json& parts = m.data.at("parts");
     m.stem = part_spec(parts.at("stem"));
     m.head = part_spec(parts.at("head"));
@@ -148,6 +149,9 @@ Manifest Manifest::load(const std::string& folder, bool verify_hashes) {
     if (!m.data.contains("aoti") || m.data["aoti"].is_null())
       throw ManifestError(m.root + " has no AOTInductor packages, the engines the C++ runtime runs: build them with "
                           "`foresight-export --backend aoti --out " + m.root + " --overwrite`");
+    for (int k = 1; k < m.num_experts(); ++k)
+      if (!m.data["experts"][k - 1].contains("aoti") || m.data["experts"][k - 1]["aoti"].is_null())
+        throw ManifestError(m.root + ": expert " + std::to_string(k) + " has no AOTInductor weights; " + fix);
   } catch (const json::exception& e) {
     throw ManifestError(mpath + " does not follow the engines format (" + e.what() + "); " + fix);
   }
@@ -157,7 +161,8 @@ Manifest Manifest::load(const std::string& folder, bool verify_hashes) {
   for (const auto& [rel, entry] : m.data.at("files").items()) listed[m.path(rel)] = rel;
   std::vector<std::string> needed;
   for (const auto& [name, program] : m.data["aoti"].at("programs").items()) needed.push_back(program.at("file"));
-  for (const auto& [name, part] : m.data["aoti"].at("parts").items()) needed.push_back(part.at("weights"));
+  for (int k = 0; k < m.num_experts(); ++k)
+    for (const auto& [name, part] : m.aoti_parts(k).items()) needed.push_back(part.at("weights"));
   for (const auto& [name, rel] : m.data.at("components").items()) needed.push_back(rel);
   for (const std::string& rel : needed) {
     const std::string p = m.path(rel);
@@ -212,34 +217,37 @@ Runtime Runtime::load(const std::string& folder, const std::string& device_name,
       rt.manifest_.data.at("components").at("scheduler").get<std::string>() + "/scheduler_config.json")));
   std::vector<const PartSpec*> parts{&rt.manifest_.stem, &rt.manifest_.head};
   for (const auto& l : rt.manifest_.layers) parts.push_back(&l);
-  for (const PartSpec* part : parts) {
-    const json& entry = aoti.at("parts").at(part->name);
-    const std::string program = rt.manifest_.path(aoti.at("programs").at(entry.at("program").get<std::string>()).at("file"));
-    auto exec = std::make_shared<Executor>();
-    try {
-      exec->loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
-          program, "model", false, 1, device.has_index() ? device.index() : -1);
-    } catch (const std::exception& e) {
-      throw BackendError("could not load the AOTInductor package " + program + " (" + e.what() + "); " + fix);
+  rt.executors_.resize(rt.manifest_.num_experts());
+  for (int k = 0; k < rt.manifest_.num_experts(); ++k) {
+    for (const PartSpec* part : parts) {
+      const json& entry = rt.manifest_.aoti_parts(k).at(part->name);
+      const std::string program = rt.manifest_.path(aoti.at("programs").at(entry.at("program").get<std::string>()).at("file"));
+      auto exec = std::make_shared<Executor>();
+      try {
+        exec->loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
+            program, "model", false, 1, device.has_index() ? device.index() : -1);
+      } catch (const std::exception& e) {
+        throw BackendError("could not load the AOTInductor package " + program + " (" + e.what() + "); " + fix);
+      }
+      auto meta = exec->loader->get_metadata();
+      if (!meta.count("foresight.io")) throw BackendError(program + " is not a package foresight-export built (no I/O signature); " + fix);
+      const json io = json::parse(meta["foresight.io"]);
+      std::vector<std::string> want, got;
+      for (const auto& t : part->inputs) want.push_back(t.name);
+      for (const auto& t : io.at("inputs")) got.push_back(t.at(0));
+      if (want != got) throw BackendError(program + " takes other inputs than part " + part->name + "; " + fix);
+      auto weights = load_safetensors(rt.manifest_.path(entry.at("weights")), device);
+      std::set<std::string> fqns;
+      for (const auto& n : exec->loader->get_constant_fqns()) fqns.insert(n);
+      std::set<std::string> have;
+      for (const auto& [n, t] : weights) have.insert(n);
+      if (have != fqns)
+        throw BackendError(entry.at("weights").get<std::string>() + " holds other weights than " + program + " takes; " + fix);
+      std::unordered_map<std::string, at::Tensor> constants(weights.begin(), weights.end());
+      exec->loader->load_constants(constants, false, true, false, false);
+      rt.executors_[k][part->name] = exec;
+      rt.calls_[part->name] = 0;
     }
-    auto meta = exec->loader->get_metadata();
-    if (!meta.count("foresight.io")) throw BackendError(program + " is not a package foresight-export built (no I/O signature); " + fix);
-    const json io = json::parse(meta["foresight.io"]);
-    std::vector<std::string> want, got;
-    for (const auto& t : part->inputs) want.push_back(t.name);
-    for (const auto& t : io.at("inputs")) got.push_back(t.at(0));
-    if (want != got) throw BackendError(program + " takes other inputs than part " + part->name + "; " + fix);
-    auto weights = load_safetensors(rt.manifest_.path(entry.at("weights")), device);
-    std::set<std::string> fqns;
-    for (const auto& n : exec->loader->get_constant_fqns()) fqns.insert(n);
-    std::set<std::string> have;
-    for (const auto& [n, t] : weights) have.insert(n);
-    if (have != fqns)
-      throw BackendError(entry.at("weights").get<std::string>() + " holds other weights than " + program + " takes; " + fix);
-    std::unordered_map<std::string, at::Tensor> constants(weights.begin(), weights.end());
-    exec->loader->load_constants(constants, false, true, false, false);
-    rt.executors_[part->name] = exec;
-    rt.calls_[part->name] = 0;
   }
   return rt;
 }
@@ -249,11 +257,12 @@ long Runtime::engine_calls(const std::string& part) const {
   return it == calls_.end() ? 0 : it->second;
 }
 
-std::vector<at::Tensor> Runtime::run(const PartSpec& part, const std::map<std::string, at::Tensor>& inputs) {
+std::vector<at::Tensor> Runtime::run(const PartSpec& part, const std::map<std::string, at::Tensor>& inputs,
+                                     int expert) {
   std::vector<at::Tensor> args;
   for (const auto& spec : part.inputs) args.push_back(inputs.at(spec.name));
   ++calls_[part.name];
-  return executors_.at(part.name)->loader->run(args);
+  return executors_.at(expert).at(part.name)->loader->run(args);
 }
 
 // ------------------------------------------------------------------------------------ sampling
@@ -321,6 +330,284 @@ struct DDIM {
   }
 };
 
+// numpy.linspace(start, stop, num) in float64, as numpy computes it (arange * step + start, the
+// last value set to stop), so the schedules below match diffusers' bit for bit.
+std::vector<double> np_linspace(double start, double stop, int num) {
+  std::vector<double> out(num);
+  const double step = num > 1 ? (stop - start) / (num - 1) : 0.0;
+  for (int i = 0; i < num; ++i) out[i] = num > 1 ? static_cast<double>(i) * step + start : start;
+  if (num > 1) out[num - 1] = stop;
+  return out;
+}
+
+// diffusers' FlowMatchEulerDiscreteScheduler without dynamic shifting, sigma conversions or noise:
+// __init__'s float32 sigmas (for sigma_max and sigma_min), set_timesteps' float64 linspace and
+// shift cast to float32, and step's ``sample + (sigma_next - sigma) * model_output`` in float32.
+struct FlowMatchEuler {
+  at::Tensor sigmas, timesteps;  // float32: steps + 1 sigmas (the last 0), steps timesteps
+
+  FlowMatchEuler(const json& cfg, int steps) {
+    for (const char* off : {"use_dynamic_shifting", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                            "stochastic_sampling", "invert_sigmas"})
+      if (cfg.value(off, false))
+        throw ConfigError(std::string("the C++ runtime's FlowMatchEulerDiscreteScheduler does not do ") + off +
+                          " yet; run foresight-run --backend aoti");
+    if (cfg.contains("shift_terminal") && !cfg["shift_terminal"].is_null())
+      throw ConfigError("the C++ runtime's FlowMatchEulerDiscreteScheduler does not stretch to shift_terminal yet; "
+                        "run foresight-run --backend aoti");
+    const int n = cfg.value("num_train_timesteps", 1000);
+    const double shift = cfg.value("shift", 1.0);
+    // __init__: timesteps n..1 (exact in float32), sigmas = t / n, shifted, all float32 tensor ops.
+    at::Tensor t = torch::arange(n, 0, -1, torch::kFloat32);
+    at::Tensor init = t / n;
+    init = shift * init / (1 + (shift - 1) * init);
+    const double sigma_max = init[0].item<double>(), sigma_min = init[n - 1].item<double>();
+    std::vector<double> s = np_linspace(sigma_max * n, sigma_min * n, steps);
+    std::vector<float> shifted(steps);
+    for (int i = 0; i < steps; ++i) {
+      const double sigma = s[i] / n;
+      shifted[i] = static_cast<float>(shift * sigma / (1 + (shift - 1) * sigma));
+    }
+    at::Tensor sig = torch::from_blob(shifted.data(), {steps}, torch::kFloat32).clone();
+    timesteps = sig * n;
+    sigmas = torch::cat({sig, torch::zeros({1}, torch::kFloat32)});
+  }
+
+  at::Tensor step(const at::Tensor& model_output, int i, const at::Tensor& sample) const {
+    at::Tensor dt = sigmas[i + 1] - sigmas[i];
+    return (sample.to(torch::kFloat32) + dt * model_output).to(model_output.scalar_type());
+  }
+};
+
+// diffusers' UniPCMultistepScheduler with flow sigmas (what Wan's checkpoints name:
+// prediction_type flow_prediction, use_flow_sigmas, flow_shift): set_timesteps' float64 schedule,
+// then the predictor (multistep_uni_p_bh_update) and corrector (multistep_uni_c_bh_update) op for op
+// on float32 tensors, torch.linalg.solve where diffusers solves, so the latents match bit for bit.
+struct UniPC {
+  at::Tensor sigmas, timesteps;  // float32 steps + 1 (the last 0), int64 steps
+  int order;
+  bool bh2, lower_order_final;
+  std::set<int> disable_corrector;
+  std::vector<at::Tensor> model_outputs;  // the last `order` converted outputs (x0 predictions)
+  at::Tensor last_sample;
+  int lower_order_nums = 0, this_order = 0, index = 0;
+  c10::Device device{torch::kCPU};  // the solver's scalars live where the latents do, as in diffusers
+
+  at::Tensor sigma(int i) const { return sigmas[i].to(device); }
+
+  UniPC(const json& cfg, int steps)
+      : order(cfg.value("solver_order", 2)), bh2(cfg.value("solver_type", "bh2") == "bh2"),
+        lower_order_final(cfg.value("lower_order_final", true)) {
+    auto need = [&](bool ok, const std::string& what) {
+      if (!ok) throw ConfigError("the C++ runtime's UniPCMultistepScheduler runs Wan's configuration (" + what +
+                                 "); this folder's differs: run foresight-run --backend aoti");
+    };
+    need(cfg.value("use_flow_sigmas", false) && cfg.value("prediction_type", "") == "flow_prediction",
+         "use_flow_sigmas with flow_prediction");
+    need(cfg.value("predict_x0", true) && !cfg.value("thresholding", false), "predict_x0, no thresholding");
+    need(!cfg.value("use_dynamic_shifting", false) && !cfg.value("use_karras_sigmas", false) &&
+             !cfg.value("use_exponential_sigmas", false) && !cfg.value("use_beta_sigmas", false),
+         "no dynamic shifting, Karras, exponential or beta sigmas");
+    need(!cfg.contains("shift_terminal") || cfg["shift_terminal"].is_null(), "no shift_terminal");
+    need(!cfg.contains("solver_p") || cfg["solver_p"].is_null(), "no solver_p");
+    need(cfg.value("final_sigmas_type", "zero") == "zero", "final_sigmas_type zero");
+    const std::string solver = cfg.value("solver_type", "bh2");
+    need(solver == "bh1" || solver == "bh2", "solver_type bh1 or bh2");
+    need(order >= 1 && order <= 3, "solver_order 1..3");
+    for (const auto& i : cfg.value("disable_corrector", json::array())) disable_corrector.insert(i.get<int>());
+    const int n = cfg.value("num_train_timesteps", 1000);
+    const double shift = cfg.value("flow_shift", 1.0);
+    std::vector<double> s = np_linspace(1.0, 1.0 / n, steps + 1);
+    s.pop_back();
+    for (double& v : s) v = shift * v / (1 + (shift - 1) * v);
+    if (std::fabs(s[0] - 1) < 1e-6) s[0] -= 1e-6;  // diffusers: avoids log(0) in the first updates
+    std::vector<float> sig(steps + 1, 0.0f);
+    std::vector<int64_t> ts(steps);
+    for (int i = 0; i < steps; ++i) {
+      sig[i] = static_cast<float>(s[i]);
+      ts[i] = static_cast<int64_t>(s[i] * n);  // numpy's astype(int64): truncation
+    }
+    sigmas = torch::from_blob(sig.data(), {steps + 1}, torch::kFloat32).clone();
+    timesteps = torch::from_blob(ts.data(), {steps}, torch::kInt64).clone();
+    model_outputs.resize(order);
+  }
+
+  // With flow sigmas: alpha = 1 - sigma, sigma.
+  static at::Tensor lambda(const at::Tensor& sigma) { return torch::log(1 - sigma) - torch::log(sigma); }
+
+  // The solver's shared coefficients: rks, h_phi_1, B_h, R and b for `k` history entries.
+  struct Coefficients {
+    at::Tensor h_phi_1, B_h, R, b;
+    std::vector<at::Tensor> D1s;
+  };
+  Coefficients coefficients(const at::Tensor& sigma_t, const at::Tensor& sigma_s0, int order_, int first_history,
+                            const at::Tensor& m0) const {
+    const at::Tensor lambda_s0 = lambda(sigma_s0);
+    const at::Tensor h = lambda(sigma_t) - lambda_s0;
+    Coefficients c;
+    std::vector<at::Tensor> rks;
+    for (int i = 1; i < order_; ++i) {
+      const at::Tensor& mi = model_outputs[order - (i + 1)];
+      const at::Tensor rk = (lambda(sigma(first_history - i)) - lambda_s0) / h;
+      rks.push_back(rk);
+      c.D1s.push_back((mi - m0) / rk);
+    }
+    rks.push_back(torch::ones({}, torch::TensorOptions().dtype(torch::kFloat32).device(device)));
+    const at::Tensor rk = torch::stack(rks);
+    const at::Tensor hh = -h;  // predict_x0
+    c.h_phi_1 = torch::expm1(hh);
+    at::Tensor h_phi_k = c.h_phi_1 / hh - 1;
+    int64_t factorial = 1;
+    c.B_h = bh2 ? torch::expm1(hh) : hh;
+    std::vector<at::Tensor> R, b;
+    for (int i = 1; i <= order_; ++i) {
+      R.push_back(torch::pow(rk, static_cast<int64_t>(i - 1)));
+      b.push_back(h_phi_k * factorial / c.B_h);
+      factorial *= i + 1;
+      h_phi_k = h_phi_k / hh - 1.0 / static_cast<double>(factorial);
+    }
+    c.R = torch::stack(R);
+    c.b = torch::stack(b);
+    return c;
+  }
+
+  at::Tensor predictor(const at::Tensor& x, int order_) const {
+    const at::Tensor sigma_t = sigma(index + 1), sigma_s0 = sigma(index);
+    const at::Tensor& m0 = model_outputs[order - 1];
+    Coefficients c = coefficients(sigma_t, sigma_s0, order_, index, m0);
+    const at::Tensor alpha_t = 1 - sigma_t;
+    at::Tensor x_t_ = sigma_t / sigma_s0 * x - alpha_t * c.h_phi_1 * m0;
+    at::Tensor x_t;
+    if (!c.D1s.empty()) {
+      const at::Tensor D1s = torch::stack(c.D1s, 1);
+      const at::Tensor rhos = order_ == 2 ? torch::ones({1}, x.options()) * 0.5
+                                          : at::linalg_solve(c.R.slice(0, 0, -1).slice(1, 0, -1), c.b.slice(0, 0, -1))
+                                                .to(x.scalar_type());
+      x_t = x_t_ - alpha_t * c.B_h * torch::einsum("k,bkc...->bc...", {rhos, D1s});
+    } else {
+      x_t = x_t_ - alpha_t * c.B_h * 0;
+    }
+    return x_t.to(x.scalar_type());
+  }
+
+  at::Tensor corrector(const at::Tensor& model_t, const at::Tensor& x, int order_) const {
+    const at::Tensor sigma_t = sigma(index), sigma_s0 = sigma(index - 1);
+    const at::Tensor& m0 = model_outputs[order - 1];
+    Coefficients c = coefficients(sigma_t, sigma_s0, order_, index - 1, m0);
+    const at::Tensor alpha_t = 1 - sigma_t;
+    const at::Tensor rhos = order_ == 1 ? torch::ones({1}, x.options()) * 0.5
+                                        : at::linalg_solve(c.R, c.b).to(x.scalar_type());
+    at::Tensor x_t_ = sigma_t / sigma_s0 * x - alpha_t * c.h_phi_1 * m0;
+    const at::Tensor D1_t = model_t - m0;
+    at::Tensor corr = c.D1s.empty()
+                          ? 0 + rhos[-1] * D1_t
+                          : torch::einsum("k,bkc...->bc...", {rhos.slice(0, 0, -1), torch::stack(c.D1s, 1)}) +
+                                rhos[-1] * D1_t;
+    return (x_t_ - alpha_t * c.B_h * corr).to(x.scalar_type());
+  }
+
+  at::Tensor step(const at::Tensor& model_output, const at::Tensor& sample_in) {
+    at::Tensor sample = sample_in;
+    device = sample.device();
+    const bool use_corrector = index > 0 && !disable_corrector.count(index - 1) && last_sample.defined();
+    const at::Tensor converted = sample - sigmas[index] * model_output;  // flow_prediction's x0
+    if (use_corrector) sample = corrector(converted, last_sample, this_order);
+    for (int i = 0; i + 1 < order; ++i) model_outputs[i] = model_outputs[i + 1];
+    model_outputs[order - 1] = converted;
+    const int steps = static_cast<int>(timesteps.size(0));
+    int next = lower_order_final ? std::min(order, steps - index) : order;
+    this_order = std::min(next, lower_order_nums + 1);  // warmup for multistep
+    last_sample = sample;
+    at::Tensor prev = predictor(sample, this_order);
+    if (lower_order_nums < order) ++lower_order_nums;
+    ++index;
+    return prev;
+  }
+};
+
+// One generation's sampling, as the reference pipeline runs it: the model input and the stem's
+// timestep for each step, which expert runs it, guidance and the scheduler step.
+struct Sampler {
+  std::vector<int> experts;  // per step
+  virtual ~Sampler() = default;
+  virtual int steps() const = 0;
+  virtual at::Tensor timestep(int i, int64_t batch, c10::Device device) const = 0;
+  virtual at::Tensor step(at::Tensor noise_pred, int i, const at::Tensor& latents) = 0;
+  std::vector<int> stages() const {
+    std::vector<int> out{0};
+    for (size_t i = 1; i < experts.size(); ++i)
+      if (experts[i] != experts[i - 1]) out.push_back(static_cast<int>(i));
+    return out;
+  }
+};
+
+at::Tensor guide(const at::Tensor& noise_pred, double scale) {
+  auto halves = noise_pred.chunk(2);
+  return halves[0] + scale * (halves[1] - halves[0]);
+}
+
+// LattePipeline: DDIM (scale_model_input is the identity), batched CFG, the learned-sigma half dropped.
+struct LatteSampler : Sampler {
+  DDIM ddim;
+  double guidance;  // <= 1: no CFG
+  bool learned_sigma;
+  LatteSampler(const json& sched, int n, double g)
+      : ddim(sched, n), guidance(g),
+        learned_sigma(sched.value("variance_type", json("")).is_string() &&
+                      (sched.value("variance_type", "") == "learned" || sched.value("variance_type", "") == "learned_range")) {
+    if (sched.at("_class_name") != "DDIMScheduler")
+      throw ConfigError("the C++ runtime's latte sampler steps DDIMScheduler; this folder's scheduler is " +
+                        sched.at("_class_name").get<std::string>());
+    experts.assign(n, 0);
+  }
+  int steps() const override { return ddim.steps; }
+  at::Tensor timestep(int i, int64_t batch, c10::Device device) const override {
+    return torch::full({batch}, static_cast<double>(ddim.timesteps[i]),
+                       torch::TensorOptions().dtype(torch::kFloat32).device(device));
+  }
+  at::Tensor step(at::Tensor noise_pred, int i, const at::Tensor& latents) override {
+    if (guidance > 1.0) noise_pred = guide(noise_pred, guidance);
+    if (!learned_sigma) noise_pred = noise_pred.chunk(2, 1)[0];
+    return ddim.step(noise_pred, ddim.timesteps[i], latents);
+  }
+};
+
+// WanPipeline: the scheduler the checkpoint names (FlowMatchEuler, or UniPC with flow sigmas) from
+// index 0, the latents unscaled, ``t`` for every batch row; with two experts the first (guidance)
+// while t >= boundary_ratio * num_train_timesteps, the second (guidance_2) below.
+struct WanSampler : Sampler {
+  std::unique_ptr<FlowMatchEuler> euler;
+  std::unique_ptr<UniPC> unipc;
+  at::Tensor timesteps;  // FlowMatchEuler's float32, UniPC's int64, as diffusers holds them
+  double guidance, guidance_2;
+  WanSampler(const json& sched, int n, double g, double g2, const json& pipeline) : guidance(g), guidance_2(g2) {
+    const std::string name = sched.at("_class_name");
+    if (name == "FlowMatchEulerDiscreteScheduler") {
+      euler = std::make_unique<FlowMatchEuler>(sched, n);
+      timesteps = euler->timesteps;
+    } else if (name == "UniPCMultistepScheduler") {
+      unipc = std::make_unique<UniPC>(sched, n);
+      timesteps = unipc->timesteps;
+    } else {
+      throw ConfigError("the C++ runtime's wan sampler steps FlowMatchEulerDiscreteScheduler or "
+                        "UniPCMultistepScheduler; this folder's scheduler is " + name + ": run foresight-run --backend aoti");
+    }
+    experts.assign(n, 0);
+    if (pipeline.contains("boundary_ratio") && !pipeline["boundary_ratio"].is_null()) {
+      const double boundary = pipeline["boundary_ratio"].get<double>() * sched.value("num_train_timesteps", 1000);
+      for (int i = 0; i < n; ++i) experts[i] = timesteps[i].ge(boundary).item<bool>() ? 0 : 1;
+    }
+  }
+  int steps() const override { return static_cast<int>(experts.size()); }
+  at::Tensor timestep(int i, int64_t batch, c10::Device device) const override {
+    return timesteps[i].expand({batch}).to(device, torch::kFloat32).contiguous();
+  }
+  at::Tensor step(at::Tensor noise_pred, int i, const at::Tensor& latents) override {
+    if (guidance > 1.0) noise_pred = guide(noise_pred, experts[i] ? guidance_2 : guidance);
+    return euler ? euler->step(noise_pred, i, latents) : unipc->step(noise_pred, latents);
+  }
+};
+
 int shape_value(const json& shapes, const char* name, int value) {
   const json& s = shapes.at(name);
   if (value < 0) value = s.at("default");
@@ -337,8 +624,9 @@ int shape_value(const json& shapes, const char* name, int value) {
 DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
   torch::NoGradGuard no_grad;
   const json& p = manifest_.pipeline();
-  if (p.at("type") != "latte")
-    throw ConfigError("the C++ runtime runs the latte pipeline so far; " + p.at("type").get<std::string>() +
+  const std::string type = p.at("type");
+  if (type != "latte" && type != "wan")
+    throw ConfigError("the C++ runtime runs the latte and wan pipelines so far; " + type +
                       " runs with foresight-run --backend aoti");
   const json& shapes = manifest_.data.at("shapes");
   const int frames = shape_value(shapes, "frames", req.frames), height = shape_value(shapes, "height", req.height),
@@ -347,6 +635,12 @@ DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
   if (steps < 1 || steps > p.at("max_steps").get<int>())
     throw ConfigError("steps must be a whole number in 1.." + p.at("max_steps").dump() + " (got " + std::to_string(steps) + ")");
   const double guidance = req.guidance < 0 ? p.at("default_guidance").get<double>() : req.guidance;
+  const bool two = manifest_.num_experts() > 1;
+  if (!two && req.guidance_2 >= 0)
+    throw ConfigError("guidance_2 is the second expert's guidance; these engines have one transformer: drop it");
+  const double guidance_2 = req.guidance_2 >= 0 ? req.guidance_2
+                            : p.contains("default_guidance_2") && !p["default_guidance_2"].is_null()
+                                ? p["default_guidance_2"].get<double>() : guidance;
   const bool cfg = guidance > 1.0;
   if (!req.text.defined() || req.text.dim() != 3 || req.text.size(0) != (cfg ? 2 : 1))
     throw ConfigError(std::string("the encoded prompt must be (") + (cfg ? "2" : "1") + ", T, C)" +
@@ -354,34 +648,37 @@ DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
 
   auto controller = Controller(make_policy(req.policy), static_cast<int>(manifest_.layers.size()),
                                static_cast<int>(manifest_.probes.size()));
-  controller.policy().check_run(controller.num_layers(), steps, nullptr);
-  const json& sched = scheduler_;
-  if (sched.at("_class_name") != "DDIMScheduler")
-    throw ConfigError("the C++ runtime's latte sampler steps DDIMScheduler; this folder's scheduler is " +
-                      sched.at("_class_name").get<std::string>());
-  DDIM ddim(sched, steps);
-  controller.reset();
+  std::unique_ptr<Sampler> sampler;
+  if (type == "latte") sampler = std::make_unique<LatteSampler>(scheduler_, steps, guidance);
+  else sampler = std::make_unique<WanSampler>(scheduler_, steps, guidance, guidance_2, p);
+  const std::vector<int> stages = sampler->stages();
+  // One stage per expert: nothing measured or cached under one expert is used under the other.
+  controller.policy().check_run(controller.num_layers(), steps, &stages);
+  controller.reset(stages);
 
-  // The starting noise as diffusers' randn_tensor draws it: a CPU generator, float32.
-  const int f = p.at("vae_scale_factor"), patch = p.at("patch_size");
+  // The starting noise as diffusers' randn_tensor draws it: a CPU generator, float32. DDIM's
+  // init_noise_sigma is 1, and WanPipeline does not scale.
+  const int f = p.at("vae_scale_factor");
+  const int temporal = p.value("vae_scale_factor_temporal", 1);
+  const int latent_frames = type == "wan" ? (frames - 1) / temporal + 1 : frames;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(req.seed);
-  at::Tensor latents = torch::randn({1, p.at("latent_channels").get<int64_t>(), frames, height / f, width / f}, gen,
-                                    torch::TensorOptions().dtype(torch::kFloat32)).to(device_);
-  (void)patch;
+  at::Tensor latents = torch::randn({1, p.at("latent_channels").get<int64_t>(), latent_frames, height / f, width / f},
+                                    gen, torch::TensorOptions().dtype(torch::kFloat32)).to(device_);
   at::Tensor text = req.text.to(device_, torch::kFloat32);
 
   const json& flow = manifest_.flow();
   const size_t L = manifest_.layers.size(), P = manifest_.probes.size();
-  std::vector<std::map<std::string, at::Tensor>> cache(L);  // each layer's outputs from the last step that ran it
-  std::map<std::string, at::Tensor> stem_out;
-  auto resolve = [&](const std::string& source, const std::map<std::string, at::Tensor>& state,
-                     const std::map<std::string, at::Tensor>& stem_in) -> at::Tensor {
-    const auto colon = source.find(':');
-    const std::string kind = source.substr(0, colon), name = source.substr(colon + 1);
-    if (kind == "state") return state.at(name);
-    if (kind == "stem") return stem_out.at(name);
-    if (kind == "input") return stem_in.at(name);
-    throw ConfigError("flow source " + source + " is not supported by the C++ runtime yet");
+  // CFG as one pass over the doubled batch, or (WanPipeline) as two batch-1 passes: the conditional
+  // row, then the unconditional one. Each pass reads its row of every batch-leading tensor; both run
+  // the same plan, and their outputs are put back together as [unconditional, conditional], so a
+  // probe's mse is taken over both rows together (one decision per step), as the Python runtime does.
+  const bool separate = cfg && p.value("cfg", "batched") == "separate";
+  const std::vector<int> passes = separate ? std::vector<int>{1, 0} : std::vector<int>{-1};
+  auto cut = [](const std::vector<TensorSpec>& specs, std::map<std::string, at::Tensor> tensors, int row) {
+    if (row < 0) return tensors;
+    for (const auto& t : specs)
+      if (!t.shape.empty() && t.shape[0] == "B") tensors[t.name] = tensors.at(t.name).narrow(0, row, 1);
+    return tensors;
   };
   // A package's compiled kernels assume contiguous inputs and do not check (a strided view reads as
   // garbage), and a package may return strided outputs (Latte's stem returns its hidden state as a
@@ -392,39 +689,70 @@ DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
     for (size_t i = 0; i < part.outputs.size(); ++i) m[part.outputs[i].name] = outs.at(i).contiguous();
     return m;
   };
+  // The passes' outputs of one part as one batch: [unconditional, conditional].
+  auto joined = [&](const PartSpec& part, std::map<int, std::map<std::string, at::Tensor>>& by_row) {
+    if (by_row.size() == 1) return by_row.begin()->second;
+    std::map<std::string, at::Tensor> out;
+    for (const auto& t : part.outputs) {
+      const bool batched = !t.shape.empty() && t.shape[0] == "B";
+      out[t.name] = batched ? torch::cat({by_row.at(0).at(t.name), by_row.at(1).at(t.name)}) : by_row.at(0).at(t.name);
+    }
+    return out;
+  };
 
+  std::vector<std::map<std::string, at::Tensor>> cache(L);  // each layer's outputs from the last step that ran it
   long engine_calls = 0;
   for (int i = 0; i < steps; ++i) {
-    const int64_t t = ddim.timesteps[i];
-    std::map<std::string, at::Tensor> stem_in{
-        {"latents", cfg ? torch::cat({latents, latents}) : latents},  // DDIM's scale_model_input is the identity
-        {"timestep", torch::full({cfg ? 2 : 1}, static_cast<double>(t), torch::TensorOptions().dtype(torch::kFloat32).device(device_))},
-        {"encoder_hidden_states", text}};
+    const int expert = sampler->experts[i];
+    const int64_t batch = cfg ? 2 : 1;
+    const std::map<std::string, at::Tensor> stem_in{{"latents", cfg ? torch::cat({latents, latents}) : latents},
+                                                    {"timestep", sampler->timestep(i, batch, device_)},
+                                                    {"encoder_hidden_states", text}};
     const StepPlan plan = controller.plan(i);
-    stem_out = named(manifest_.stem, run(manifest_.stem, stem_in));
-    std::map<std::string, at::Tensor> state;
-    if (!plan.source) {
-      for (const auto& [s, o] : flow.at("state_init").items()) state[s] = stem_out.at(o.get<std::string>());
-    } else {
-      for (const auto& [s, o] : flow.at("layer_state_out").items()) state[s] = cache[plan.source->first].at(o.get<std::string>());
+    std::vector<std::map<int, std::map<std::string, at::Tensor>>> layer_out(L);
+    std::map<int, std::map<std::string, at::Tensor>> head_out;
+    for (const int row : passes) {
+      const auto pass_in = cut(manifest_.stem.inputs, stem_in, row);
+      const auto stem_out = named(manifest_.stem, run(manifest_.stem, pass_in, expert));
+      auto resolve = [&](const std::string& source, const std::map<std::string, at::Tensor>& state) -> at::Tensor {
+        const auto colon = source.find(':');
+        const std::string kind = source.substr(0, colon), name = source.substr(colon + 1);
+        if (kind == "state") return state.at(name);
+        if (kind == "stem") return stem_out.at(name);
+        if (kind == "input") return pass_in.at(name);
+        throw ConfigError("flow source " + source + " is not supported by the C++ runtime yet");
+      };
+      std::map<std::string, at::Tensor> state;
+      if (!plan.source) {
+        for (const auto& [s, o] : flow.at("state_init").items()) state[s] = stem_out.at(o.get<std::string>());
+      } else {  // the reused layer's cached outputs (both rows), this pass's row of them
+        const PartSpec& src = manifest_.layers[plan.source->first];
+        const auto rows = cut(src.outputs, cache[plan.source->first], row);
+        for (const auto& [s, o] : flow.at("layer_state_out").items()) state[s] = rows.at(o.get<std::string>());
+      }
+      for (int layer = plan.start; layer < static_cast<int>(L); ++layer) {
+        const PartSpec& spec = manifest_.layers[layer];
+        std::map<std::string, at::Tensor> inputs;
+        for (const auto& in : spec.inputs) inputs[in.name] = resolve(flow.at("layer_inputs").at(in.name), state);
+        auto out = named(spec, run(spec, inputs, expert));
+        ++engine_calls;
+        state.clear();
+        for (const auto& [s, o] : flow.at("layer_state_out").items()) state[s] = out.at(o.get<std::string>());
+        layer_out[layer][std::max(row, 0)] = std::move(out);
+      }
+      std::map<std::string, at::Tensor> head_in;
+      for (const auto& in : manifest_.head.inputs) head_in[in.name] = resolve(flow.at("head_inputs").at(in.name), state);
+      head_out[std::max(row, 0)] = named(manifest_.head, run(manifest_.head, head_in, expert));
     }
     std::vector<at::Tensor> mse;
     for (int layer = plan.start; layer < static_cast<int>(L); ++layer) {
-      const PartSpec& spec = manifest_.layers[layer];
-      std::map<std::string, at::Tensor> inputs;
-      for (const auto& in : spec.inputs) inputs[in.name] = resolve(flow.at("layer_inputs").at(in.name), state, stem_in);
-      auto out = named(spec, run(spec, inputs));
-      ++engine_calls;
+      auto out = joined(manifest_.layers[layer], layer_out[layer]);
       if (plan.measure)
         for (const auto& probe : manifest_.probes)
           mse.push_back(torch::mean(torch::square(out.at(probe) - cache[layer].at(probe)), torch::kFloat32));
-      cache[layer] = out;  // the new cache: the engine's own result tensors, no copy
-      state.clear();
-      for (const auto& [s, o] : flow.at("layer_state_out").items()) state[s] = out.at(o.get<std::string>());
+      cache[layer] = std::move(out);  // the new cache: the engines' own result tensors (one batch), no copy
     }
-    std::map<std::string, at::Tensor> head_in;
-    for (const auto& in : manifest_.head.inputs) head_in[in.name] = resolve(flow.at("head_inputs").at(in.name), state, stem_in);
-    at::Tensor noise_pred = named(manifest_.head, run(manifest_.head, head_in)).at(flow.at("head_output").get<std::string>());
+    at::Tensor noise_pred = joined(manifest_.head, head_out).at(flow.at("head_output").get<std::string>());
     mse.push_back(torch::isfinite(noise_pred).all().to(torch::kFloat32));
     at::Tensor host = torch::stack(mse).to(torch::kCPU);  // the step's one device-to-host transfer
     const float* values = host.data_ptr<float>();
@@ -435,14 +763,7 @@ DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
       for (size_t l = 0; l < L - plan.start; ++l) rows.emplace_back(values + l * P, values + (l + 1) * P);
       controller.observe(rows);
     }
-    noise_pred = noise_pred.to(torch::kFloat32);
-    if (cfg) {
-      auto halves = noise_pred.chunk(2);
-      noise_pred = halves[0] + guidance * (halves[1] - halves[0]);
-    }
-    const std::string variance = sched.value("variance_type", json("")).is_string() ? sched.value("variance_type", "") : "";
-    if (variance != "learned" && variance != "learned_range") noise_pred = noise_pred.chunk(2, 1)[0];
-    latents = ddim.step(noise_pred, t, latents);
+    latents = sampler->step(noise_pred.to(torch::kFloat32), i, latents);
   }
   auto summary = controller.summary();
   DenoiseResult result{latents, controller.trace(), json::object()};
@@ -450,6 +771,11 @@ DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
                   {"layer_calls", summary.layer_calls}, {"layer_calls_skipped", summary.layer_calls_skipped},
                   {"layer_engine_calls", engine_calls}, {"frames", frames}, {"height", height}, {"width", width},
                   {"guidance_scale", guidance}, {"seed", req.seed}, {"device", device_.str()}};
+  if (two) {
+    result.stats["guidance_scale_2"] = cfg ? json(guidance_2) : json();
+    result.stats["stages"] = stages;
+    result.stats["experts"] = sampler->experts;
+  }
   return result;
 }
 

@@ -3,7 +3,7 @@
 // latents go out, as torch.save files (torch::pickle_load / pickle_save).
 //
 //   foresight_denoise --engines DIR --text text.pt --out latents.pt [--trace trace.json] [--stats stats.json]
-//                     [--steps N] [--seed S] [--guidance G] [--frames F --height H --width W]
+//                     [--steps N] [--seed S] [--guidance G] [--guidance-2 G2] [--frames F --height H --width W]
 //                     [--policy '{"policy": "foresight", "warmup": 6}'] [--device cpu]
 #include <fstream>
 #include <iostream>
@@ -42,6 +42,7 @@ int main(int argc, char** argv) {
     req.width = number("width", -1);
     if (args.count("seed")) req.seed = std::stoull(args["seed"]);
     if (args.count("guidance")) req.guidance = std::stod(args["guidance"]);
+    if (args.count("guidance-2")) req.guidance_2 = std::stod(args["guidance-2"]);
     if (args.count("policy")) req.policy = nlohmann::json::parse(args["policy"]);
     foresight::DenoiseResult res = rt.denoise(req);
     std::vector<char> out = torch::pickle_save(res.latents.cpu());

@@ -136,3 +136,84 @@ def test_cpp_runtime_bad_requests(cpp_build, latte_aoti, python_runtime, tmp_pat
     assert done.returncode == 1 and done.stderr.startswith("error: ") and message in done.stderr, done.stderr
     missing = run_cpp(cpp_build, tmp_path / "nowhere", encoded(python_runtime, tmp_path), tmp_path)[0]
     assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+# ------------------------------------------------------------------------------------ Wan
+WAN_PROMPT = "a blue circle moving right"
+
+
+def with_scheduler(folder, dest, scheduler):
+    """``folder`` copied with ``scheduler``'s config in place of its own, the manifest's file table updated."""
+    from runtime.manifest import sha256_file
+
+    shutil.copytree(folder, dest, symlinks=True)
+    scheduler.save_config(dest / "scheduler")
+    config = dest / "scheduler" / "scheduler_config.json"
+    edit_manifest(dest, lambda d: d["files"]["scheduler/scheduler_config.json"].update(
+        sha256=sha256_file(config), bytes=config.stat().st_size))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def wan_experts(preset_engines, tmp_path_factory):
+    """The random-weight Wan 2.2 A14B (two experts switched at boundary_ratio, CFG as two passes) with
+    the release's UniPC (flow sigmas, flow_shift 12), and a copy with FlowMatchEuler (shift 3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    release = preset_engines("wan", "tiny-random-a14b", backend="aoti")
+    euler = with_scheduler(release, tmp_path_factory.mktemp("wan-euler") / "engines",
+                           FlowMatchEulerDiscreteScheduler(shift=3.0))
+    return {"unipc": release, "euler": euler}
+
+
+WAN_POLICIES = [{"policy": "none"}, {"policy": "foresight", "warmup": 2, "recalculate": 2, "threshold": 4.0}]
+
+
+def wan_text(rt, tmp_path):
+    text = tmp_path / "wan-text.pt"
+    torch.save(rt.parts.encode_prompt(WAN_PROMPT, "", True)["encoder_hidden_states"], text)
+    return text
+
+
+@pytest.mark.parametrize("scheduler", ["unipc", "euler"])
+@pytest.mark.parametrize("policy", WAN_POLICIES, ids=lambda p: p["policy"])
+def test_cpp_runtime_runs_wan_experts_as_the_python_aoti_backend(cpp_build, wan_experts, tmp_path, policy, scheduler):
+    """UniPC's predictor and corrector or FlowMatchEuler, the two CFG passes (conditional, then
+    unconditional), the switch to the second expert (its own guidance, a fresh controller stage):
+    latents and decisions bit for bit."""
+    rt = Runtime.load(wan_experts[scheduler], backend="aoti", device="cpu")
+    options = {k: v for k, v in policy.items() if k != "policy"}
+    ref = rt.generate(WAN_PROMPT, num_inference_steps=10, seed=5, policy=policy["policy"], decode=False, **options)
+    assert len(ref.stats["stages"]) == 2 and set(ref.stats["experts"]) == {0, 1}  # both experts ran
+    text = wan_text(rt, tmp_path)
+    done, latents, trace, stats = run_cpp(cpp_build, wan_experts[scheduler], text, tmp_path, steps=10, seed=5,
+                                          policy=policy)
+    assert done.returncode == 0, done.stderr
+    assert torch.equal(latents, ref.latents)
+    assert trace == json.loads(json.dumps(ref.trace))
+    for key in ("stages", "experts", "guidance_scale_2", "layer_calls_skipped", "layer_engine_calls"):
+        assert stats[key] == ref.stats[key], key
+    if policy["policy"] != "none":
+        assert stats["layer_calls_skipped"] > 0
+        return
+    # the second expert's guidance given: it changes the result as in Python
+    ref2 = rt.generate(WAN_PROMPT, num_inference_steps=10, seed=5, guidance_scale_2=1.5, decode=False)
+    done, latents2, *_ = run_cpp(cpp_build, wan_experts[scheduler], text, tmp_path, steps=10, seed=5,
+                                 **{"guidance-2": 1.5})
+    assert done.returncode == 0, done.stderr
+    assert torch.equal(latents2, ref2.latents) and not torch.equal(latents2, ref.latents)
+
+
+def test_cpp_runtime_refuses_what_it_has_not_ported(cpp_build, latte_aoti, wan_experts, tmp_path):
+    from diffusers import UniPCMultistepScheduler
+
+    release = wan_experts["unipc"]
+    text = wan_text(Runtime.load(release, backend="aoti", device="cpu"), tmp_path)
+    config = json.loads((release / "scheduler" / "scheduler_config.json").read_text())
+    karras = with_scheduler(release, tmp_path / "karras",
+                            UniPCMultistepScheduler.from_config({**config, "use_karras_sigmas": True}))
+    done, *_ = run_cpp(cpp_build, karras, text, tmp_path, steps=4)
+    assert done.returncode == 1 and "UniPCMultistepScheduler runs Wan's configuration (no dynamic" in done.stderr, \
+        done.stderr
+    done, *_ = run_cpp(cpp_build, latte_aoti, text, tmp_path, steps=4, **{"guidance-2": 2.0})
+    assert done.returncode == 1 and "these engines have one transformer" in done.stderr, done.stderr

@@ -8,9 +8,11 @@
 //   foresight::DenoiseResult res = rt.denoise(req);   // final latents, stats, the decision trace
 //
 // Status: the manifest (versions, paths inside the folder, every file's size and sha256), the
-// AOTInductor executors, the flow between parts, the reuse of cached outputs and the Latte
-// pipeline's sampler (DDIM, batched CFG, learned-sigma split). Text encoding and VAE decoding
-// as compiled parts, tokenization and the other pipelines' samplers are not written yet.
+// AOTInductor executors (one set per expert: Wan 2.2 A14B's two transformers), the flow between
+// parts, the reuse of cached outputs, and two pipelines' samplers: Latte's (DDIM, batched CFG,
+// learned-sigma split) and Wan's (FlowMatchEuler, CFG as two batch-1 passes, the expert switch
+// at boundary_ratio with one controller stage per expert). Text encoding and VAE decoding as
+// compiled parts, tokenization, UniPC and the CogVideoX / Open-Sora samplers are not written yet.
 #pragma once
 
 #include <map>
@@ -63,6 +65,9 @@ struct Manifest {
   std::string path(const std::string& relative) const;  // inside the folder, or ManifestError
   const nlohmann::json& pipeline() const { return data.at("pipeline"); }
   const nlohmann::json& flow() const { return data.at("flow"); }
+  int num_experts() const { return 1 + static_cast<int>(data.value("experts", nlohmann::json::array()).size()); }
+  // Expert k's AOTInductor parts (name -> {program, weights}); expert 0's are the top-level ones.
+  const nlohmann::json& aoti_parts(int expert) const;
 };
 
 std::string sha256_file(const std::string& path);
@@ -71,6 +76,7 @@ struct DenoiseRequest {
   at::Tensor text;  // the encoded prompt (2 or 1, T, C), the unconditional row first when guidance > 1
   int frames = -1, height = -1, width = -1, steps = -1;  // -1: the manifest's defaults
   double guidance = -1;                                  // -1: the manifest's default
+  double guidance_2 = -1;  // the second expert's (two-expert folders); -1: the manifest's default_guidance_2
   uint64_t seed = 0;
   nlohmann::json policy = {{"policy", "none"}};  // Policy.to_dict()
 };
@@ -86,17 +92,17 @@ class Runtime {
   static Runtime load(const std::string& folder, const std::string& device = "cpu", bool verify_hashes = true);
   DenoiseResult denoise(const DenoiseRequest& request);
   const Manifest& manifest() const { return manifest_; }
-  long engine_calls(const std::string& part) const;
+  long engine_calls(const std::string& part) const;  // every expert's together
 
  private:
   struct Executor;
   Runtime(Manifest manifest, c10::Device device);
   Manifest manifest_;
   c10::Device device_;
-  std::map<std::string, std::shared_ptr<Executor>> executors_;
+  std::vector<std::map<std::string, std::shared_ptr<Executor>>> executors_;  // per expert, by part name
   std::map<std::string, long> calls_;
   nlohmann::json scheduler_;  // the scheduler's config, read once at load (its file was hashed then)
-  std::vector<at::Tensor> run(const PartSpec& part, const std::map<std::string, at::Tensor>& inputs);
+  std::vector<at::Tensor> run(const PartSpec& part, const std::map<std::string, at::Tensor>& inputs, int expert);
 };
 
 }  // namespace foresight
