@@ -268,6 +268,16 @@ std::vector<at::Tensor> Runtime::run(const PartSpec& part, const std::map<std::s
 // ------------------------------------------------------------------------------------ sampling
 namespace {
 
+// numpy.arange(start, stop, step) for floats: ceil((stop - start) / step) values start + i * delta,
+// delta being (start + step) - start as numpy's fill computes it.
+std::vector<double> np_arange(double start, double stop, double step) {
+  const auto n = static_cast<int64_t>(std::ceil((stop - start) / step));
+  const double delta = (start + step) - start;
+  std::vector<double> out;
+  for (int64_t i = 0; i < n; ++i) out.push_back(start + static_cast<double>(i) * delta);
+  return out;
+}
+
 // diffusers' DDIMScheduler at eta 0, op for op on the same float32 tensors (set_timesteps and step).
 struct DDIM {
   json config;
@@ -296,8 +306,8 @@ struct DDIM {
       const int64_t ratio = num_train / steps;
       for (int i = steps - 1; i >= 0; --i) timesteps.push_back(i * ratio + offset);
     } else if (spacing == "trailing") {
-      const double ratio = static_cast<double>(num_train) / steps;
-      for (double t = num_train; t > 0; t -= ratio) timesteps.push_back(static_cast<int64_t>(std::nearbyint(t)) - 1);
+      for (double t : np_arange(num_train, 0, -static_cast<double>(num_train) / steps))
+        timesteps.push_back(static_cast<int64_t>(std::nearbyint(t)) - 1);
     } else if (spacing == "linspace") {
       for (int i = steps - 1; i >= 0; --i)
         timesteps.push_back(static_cast<int64_t>(std::nearbyint(steps == 1 ? 0.0 : i * (num_train - 1.0) / (steps - 1))));
@@ -608,6 +618,125 @@ struct WanSampler : Sampler {
   }
 };
 
+// diffusers' CogVideoXDDIMScheduler: float64 alphas_cumprod with the SNR shift (and the zero-terminal-
+// SNR rescale), a float32 final alpha, and its step (v, epsilon or sample prediction) with the same
+// mixed-precision scalar tensors, so the latents match bit for bit.
+struct CogVideoXDDIM {
+  at::Tensor alphas_cumprod, final_alpha_cumprod;
+  std::vector<int64_t> timesteps;
+  int num_train, steps;
+  std::string prediction;
+
+  CogVideoXDDIM(const json& cfg, int n) : num_train(cfg.value("num_train_timesteps", 1000)), steps(n),
+                                          prediction(cfg.value("prediction_type", "epsilon")) {
+    if (cfg.contains("trained_betas") && !cfg["trained_betas"].is_null())
+      throw ConfigError("the C++ runtime's CogVideoXDDIMScheduler does not take trained_betas yet; run foresight-run");
+    const double b0 = cfg.value("beta_start", 0.00085), b1 = cfg.value("beta_end", 0.012);
+    const std::string schedule = cfg.value("beta_schedule", "scaled_linear");
+    at::Tensor betas;
+    if (schedule == "linear") betas = torch::linspace(b0, b1, num_train, torch::kFloat32);
+    else if (schedule == "scaled_linear") betas = torch::pow(torch::linspace(std::pow(b0, 0.5), std::pow(b1, 0.5), num_train, torch::kFloat64), 2);
+    else throw ConfigError("the C++ runtime's CogVideoXDDIMScheduler has no beta_schedule " + schedule + " yet");
+    at::Tensor ac = torch::cumprod(1.0 - betas, 0);
+    const double shift = cfg.value("snr_shift_scale", 3.0);
+    ac = ac / (shift + (1 - shift) * ac);
+    if (cfg.value("rescale_betas_zero_snr", false)) {  // diffusers' rescale_zero_terminal_snr
+      at::Tensor root = ac.sqrt();
+      const at::Tensor first = root[0].clone(), last = root[-1].clone();
+      root -= last;
+      root *= first / (first - last);
+      ac = torch::pow(root, 2);
+    }
+    alphas_cumprod = ac;
+    final_alpha_cumprod = cfg.value("set_alpha_to_one", true) ? torch::tensor(1.0, torch::kFloat32) : ac[0];
+    const std::string spacing = cfg.value("timestep_spacing", "leading");
+    if (spacing == "trailing") {
+      for (double t : np_arange(num_train, 0, -static_cast<double>(num_train) / steps))
+        timesteps.push_back(static_cast<int64_t>(std::nearbyint(t)) - 1);
+    } else if (spacing == "leading") {
+      const int64_t ratio = num_train / steps;
+      for (int i = steps - 1; i >= 0; --i) timesteps.push_back(i * ratio + cfg.value("steps_offset", 0));
+    } else if (spacing == "linspace") {
+      const auto v = np_linspace(0, num_train - 1.0, steps);
+      for (int i = steps - 1; i >= 0; --i) timesteps.push_back(static_cast<int64_t>(std::nearbyint(v[i])));
+    } else {
+      throw ConfigError("unknown timestep_spacing " + spacing);
+    }
+  }
+
+  at::Tensor step(const at::Tensor& model_output, int64_t t, const at::Tensor& sample) const {
+    const int64_t prev_t = t - num_train / steps;
+    const at::Tensor a = alphas_cumprod[t];
+    const at::Tensor a_prev = prev_t >= 0 ? alphas_cumprod[prev_t] : final_alpha_cumprod;
+    const at::Tensor b = 1 - a;
+    at::Tensor x0;
+    if (prediction == "epsilon") x0 = (sample - torch::pow(b, 0.5) * model_output) / torch::pow(a, 0.5);
+    else if (prediction == "sample") x0 = model_output;
+    else if (prediction == "v_prediction") x0 = torch::pow(a, 0.5) * sample - torch::pow(b, 0.5) * model_output;
+    else throw ConfigError("unknown prediction_type " + prediction);
+    const at::Tensor a_t = torch::pow((1 - a_prev) / (1 - a), 0.5);
+    const at::Tensor b_t = torch::pow(a_prev, 0.5) - torch::pow(a, 0.5) * a_t;
+    return a_t * sample + b_t * x0;
+  }
+};
+
+// CogVideoXPipeline with CogVideoXDDIM: batched CFG, the optional dynamic scale
+// 1 + s * (1 - cos(pi * ((N - t) / N) ** 5)) / 2, the DDIM-style step.
+struct CogVideoXSampler : Sampler {
+  CogVideoXDDIM ddim;
+  double guidance;
+  bool dynamic;
+  CogVideoXSampler(const json& sched, int n, double g, bool dynamic_cfg) : ddim(check(sched), n), guidance(g),
+                                                                             dynamic(dynamic_cfg) {
+    experts.assign(n, 0);
+  }
+  static const json& check(const json& sched) {
+    const std::string name = sched.at("_class_name");
+    if (name != "CogVideoXDDIMScheduler")
+      throw ConfigError("the C++ runtime's cogvideox sampler steps CogVideoXDDIMScheduler; this folder's scheduler is " +
+                        name + " (CogVideoXDPMScheduler is not ported yet): run foresight-run --backend aoti");
+    return sched;
+  }
+  int steps() const override { return ddim.steps; }
+  at::Tensor timestep(int i, int64_t batch, c10::Device device) const override {
+    return torch::full({batch}, static_cast<double>(ddim.timesteps[i]),
+                       torch::TensorOptions().dtype(torch::kFloat32).device(device));
+  }
+  at::Tensor step(at::Tensor noise_pred, int i, const at::Tensor& latents) override {
+    const int64_t t = ddim.timesteps[i];
+    if (guidance > 1.0) {
+      double scale = guidance;
+      if (dynamic)
+        scale = 1 + scale * (1 - std::cos(M_PI * std::pow((ddim.steps - static_cast<double>(t)) / ddim.steps, 5.0))) / 2;
+      noise_pred = guide(noise_pred, scale);
+    }
+    return ddim.step(noise_pred, t, latents);
+  }
+};
+
+// diffusers' get_3d_sincos_pos_embed (output_type "pt"), CogVideoX 2B's position table for a shape:
+// (F, h * w, D), float32 grids and float64 frequencies as diffusers computes them on CPU.
+at::Tensor sincos_1d(int64_t dim, const at::Tensor& pos) {
+  at::Tensor omega = torch::arange(dim / 2, torch::kFloat64);
+  omega /= dim / 2.0;
+  omega = 1.0 / torch::pow(10000, omega);
+  const at::Tensor out = torch::outer(pos.reshape(-1), omega);
+  return torch::cat({torch::sin(out), torch::cos(out)}, 1);
+}
+
+at::Tensor sincos_3d(int64_t dim, int64_t w, int64_t h, int64_t frames, double spatial_scale, double temporal_scale) {
+  const int64_t spatial = 3 * dim / 4, temporal = dim / 4;
+  const at::Tensor grid_h = torch::arange(h, torch::kFloat32) / spatial_scale;
+  const at::Tensor grid_w = torch::arange(w, torch::kFloat32) / spatial_scale;
+  at::Tensor grid = torch::stack(torch::meshgrid({grid_w, grid_h}, "xy"), 0).reshape({2, 1, h, w});
+  at::Tensor space = torch::cat({sincos_1d(spatial / 2, grid[0]), sincos_1d(spatial / 2, grid[1])}, 1);
+  const at::Tensor grid_t = torch::arange(frames, torch::kFloat32) / temporal_scale;
+  at::Tensor time = sincos_1d(temporal, grid_t);
+  space = space.unsqueeze(0).repeat_interleave(frames, 0);
+  time = time.unsqueeze(1).repeat_interleave(w * h, 1);
+  return torch::cat({time, space}, -1);
+}
+
 int shape_value(const json& shapes, const char* name, int value) {
   const json& s = shapes.at(name);
   if (value < 0) value = s.at("default");
@@ -625,9 +754,12 @@ DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
   torch::NoGradGuard no_grad;
   const json& p = manifest_.pipeline();
   const std::string type = p.at("type");
-  if (type != "latte" && type != "wan")
-    throw ConfigError("the C++ runtime runs the latte and wan pipelines so far; " + type +
+  if (type != "latte" && type != "wan" && type != "cogvideox")
+    throw ConfigError("the C++ runtime runs the latte, cogvideox and wan pipelines so far; " + type +
                       " runs with foresight-run --backend aoti");
+  if (type == "cogvideox" && p.value("positional", "sincos") != "sincos")
+    throw ConfigError("the C++ runtime computes CogVideoX 2B's sin-cos position tables; this folder's model uses "
+                      "rotary tables (5B-style), not ported yet: run foresight-run --backend aoti");
   const json& shapes = manifest_.data.at("shapes");
   const int frames = shape_value(shapes, "frames", req.frames), height = shape_value(shapes, "height", req.height),
             width = shape_value(shapes, "width", req.width);
@@ -648,23 +780,59 @@ DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
 
   auto controller = Controller(make_policy(req.policy), static_cast<int>(manifest_.layers.size()),
                                static_cast<int>(manifest_.probes.size()));
+  // The latent frames, with the VAE's frame rule as the Python pipelines state it.
+  const int temporal = p.value("vae_scale_factor_temporal", 1);
+  int latent_frames = frames;
+  if (type == "wan") {
+    latent_frames = (frames - 1) / temporal + 1;
+  } else if (type == "cogvideox") {  // CogVideoX's VAE gives back 8k + 1 or 8k frames
+    auto decoded = [&](int n) { return n % 2 ? temporal * (n - 1) + 1 : temporal * n; };
+    latent_frames = (frames - 1) / temporal + 1;
+    if (decoded(latent_frames) != frames) {
+      int below = -1, above = 1 << 30;
+      for (int n = std::max(1, latent_frames - 2); n < latent_frames + 3; ++n) {
+        if (decoded(n) < frames) below = std::max(below, decoded(n));
+        if (decoded(n) > frames) above = std::min(above, decoded(n));
+      }
+      throw ShapeError("frames=" + std::to_string(frames) + ": CogVideoX's VAE makes " +
+                       std::to_string(decoded(latent_frames)) + " frames from the " + std::to_string(latent_frames) +
+                       " latent frames it would take; pass --frames " + std::to_string(below) + " or " +
+                       std::to_string(above) + " (8k + 1 or 8k)");
+    }
+  }
+
   std::unique_ptr<Sampler> sampler;
   if (type == "latte") sampler = std::make_unique<LatteSampler>(scheduler_, steps, guidance);
+  else if (type == "cogvideox") sampler = std::make_unique<CogVideoXSampler>(scheduler_, steps, guidance,
+                                                                              p.value("use_dynamic_cfg", false));
   else sampler = std::make_unique<WanSampler>(scheduler_, steps, guidance, guidance_2, p);
   const std::vector<int> stages = sampler->stages();
   // One stage per expert: nothing measured or cached under one expert is used under the other.
   controller.policy().check_run(controller.num_layers(), steps, &stages);
   controller.reset(stages);
 
-  // The starting noise as diffusers' randn_tensor draws it: a CPU generator, float32. DDIM's
-  // init_noise_sigma is 1, and WanPipeline does not scale.
+  // The starting noise as diffusers' randn_tensor draws it: a CPU generator, float32. The DDIM
+  // schedulers' init_noise_sigma is 1, and WanPipeline does not scale. CogVideoX's latents put the
+  // frames before the channels.
   const int f = p.at("vae_scale_factor");
-  const int temporal = p.value("vae_scale_factor_temporal", 1);
-  const int latent_frames = type == "wan" ? (frames - 1) / temporal + 1 : frames;
+  const int64_t channels = p.at("latent_channels").get<int64_t>();
   auto gen = at::make_generator<at::CPUGeneratorImpl>(req.seed);
-  at::Tensor latents = torch::randn({1, p.at("latent_channels").get<int64_t>(), latent_frames, height / f, width / f},
-                                    gen, torch::TensorOptions().dtype(torch::kFloat32)).to(device_);
+  const std::vector<int64_t> shape = type == "cogvideox"
+                                         ? std::vector<int64_t>{1, latent_frames, channels, height / f, width / f}
+                                         : std::vector<int64_t>{1, channels, latent_frames, height / f, width / f};
+  at::Tensor latents = torch::randn(shape, gen, torch::TensorOptions().dtype(torch::kFloat32)).to(device_);
   at::Tensor text = req.text.to(device_, torch::kFloat32);
+  // Tables the pipeline computes once per shape (the flow's pipeline_inputs): CogVideoX 2B's positions.
+  std::map<std::string, at::Tensor> shape_inputs;
+  if (type == "cogvideox") {
+    const int64_t g = f * p.value("patch_size", 1), h = height / g, w = width / g;
+    shape_inputs["pos_embedding"] = sincos_3d(p.at("hidden_size").get<int64_t>(), w, h, latent_frames,
+                                              p.value("spatial_interpolation_scale", 1.0),
+                                              p.value("temporal_interpolation_scale", 1.0))
+                                        .reshape({latent_frames, h, w, -1})
+                                        .to(device_, torch::kFloat32)
+                                        .contiguous();
+  }
 
   const json& flow = manifest_.flow();
   const size_t L = manifest_.layers.size(), P = manifest_.probes.size();
@@ -705,9 +873,10 @@ DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
   for (int i = 0; i < steps; ++i) {
     const int expert = sampler->experts[i];
     const int64_t batch = cfg ? 2 : 1;
-    const std::map<std::string, at::Tensor> stem_in{{"latents", cfg ? torch::cat({latents, latents}) : latents},
-                                                    {"timestep", sampler->timestep(i, batch, device_)},
-                                                    {"encoder_hidden_states", text}};
+    std::map<std::string, at::Tensor> stem_in{{"latents", cfg ? torch::cat({latents, latents}) : latents},
+                                              {"timestep", sampler->timestep(i, batch, device_)},
+                                              {"encoder_hidden_states", text}};
+    stem_in.insert(shape_inputs.begin(), shape_inputs.end());
     const StepPlan plan = controller.plan(i);
     std::vector<std::map<int, std::map<std::string, at::Tensor>>> layer_out(L);
     std::map<int, std::map<std::string, at::Tensor>> head_out;

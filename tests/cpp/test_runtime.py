@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from runtime import Runtime
-from runtime.errors import ManifestError
+from runtime.errors import ManifestError, ShapeError
 from tests.runtime.test_aoti import edit_manifest
 
 PROMPT = "a red square moving left on a gray background"
@@ -136,6 +136,56 @@ def test_cpp_runtime_bad_requests(cpp_build, latte_aoti, python_runtime, tmp_pat
     assert done.returncode == 1 and done.stderr.startswith("error: ") and message in done.stderr, done.stderr
     missing = run_cpp(cpp_build, tmp_path / "nowhere", encoded(python_runtime, tmp_path), tmp_path)[0]
     assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+# ------------------------------------------------------------------------------------ CogVideoX
+COG_PROMPT = "a yellow triangle moving down on a white background"
+
+
+@pytest.fixture(scope="module")
+def cog_runtime(aoti_engines_dir):
+    return Runtime.load(aoti_engines_dir, backend="aoti", device="cpu")
+
+
+def cog_text(rt, tmp_path, guidance=True):
+    text = tmp_path / "cog-text.pt"
+    torch.save(rt.parts.encode_prompt(COG_PROMPT, "", guidance)["encoder_hidden_states"], text)
+    return text
+
+
+COG_POLICIES = [{"policy": "none"}, {"policy": "foresight", "warmup": 2, "recalculate": 2, "threshold": 4.0}]
+
+
+@pytest.mark.parametrize("policy", COG_POLICIES, ids=lambda p: p["policy"])
+def test_cpp_runtime_runs_cogvideox_as_the_python_aoti_backend(cpp_build, aoti_engines_dir, cog_runtime, tmp_path,
+                                                              policy):
+    """The shipped CogVideoX (2B-style): CogVideoXDDIM's zero-terminal-SNR schedule, its sin-cos
+    position table computed per shape, latents frames-first: bit for bit."""
+    options = {k: v for k, v in policy.items() if k != "policy"}
+    ref = cog_runtime.generate(COG_PROMPT, num_inference_steps=12, seed=2, policy=policy["policy"], decode=False,
+                               **options)
+    done, latents, trace, stats = run_cpp(cpp_build, aoti_engines_dir, cog_text(cog_runtime, tmp_path), tmp_path,
+                                          steps=12, seed=2, policy=policy)
+    assert done.returncode == 0, done.stderr
+    assert latents.shape == ref.latents.shape == (1, 3, 4, 8, 8)
+    assert torch.equal(latents, ref.latents) and trace == json.loads(json.dumps(ref.trace))
+    assert stats["layer_engine_calls"] == ref.stats["layer_engine_calls"]
+    if policy["policy"] != "none":
+        assert stats["layer_calls_skipped"] > 0
+
+
+def test_cpp_runtime_runs_cogvideox_at_another_shape_and_refuses_frames_its_vae_cannot_make(
+        cpp_build, aoti_engines_dir, cog_runtime, tmp_path):
+    ref = cog_runtime.generate(COG_PROMPT, num_frames=8, height=24, width=40, num_inference_steps=6, seed=9,
+                               guidance_scale=1.0, decode=False)
+    done, latents, *_ = run_cpp(cpp_build, aoti_engines_dir, cog_text(cog_runtime, tmp_path, guidance=False),
+                                tmp_path, frames=8, height=24, width=40, steps=6, seed=9, guidance=1.0)
+    assert done.returncode == 0, done.stderr
+    assert latents.shape == (1, 2, 4, 6, 10) and torch.equal(latents, ref.latents)
+    with pytest.raises(ShapeError) as python:
+        cog_runtime.generate(COG_PROMPT, num_frames=10, num_inference_steps=2, decode=False)
+    done, *_ = run_cpp(cpp_build, aoti_engines_dir, cog_text(cog_runtime, tmp_path), tmp_path, frames=10, steps=2)
+    assert done.returncode == 1 and str(python.value) in done.stderr, (done.stderr, str(python.value))
 
 
 # ------------------------------------------------------------------------------------ Wan

@@ -10,9 +10,11 @@
 // Status: the manifest (versions, paths inside the folder, every file's size and sha256), the
 // AOTInductor executors (one set per expert: Wan 2.2 A14B's two transformers), the flow between
 // parts, the reuse of cached outputs, and two pipelines' samplers: Latte's (DDIM, batched CFG,
-// learned-sigma split) and Wan's (FlowMatchEuler, CFG as two batch-1 passes, the expert switch
-// at boundary_ratio with one controller stage per expert). Text encoding and VAE decoding as
-// compiled parts, tokenization, UniPC and the CogVideoX / Open-Sora samplers are not written yet.
+// learned-sigma split), CogVideoX 2B's (CogVideoXDDIM, the sin-cos position table per shape,
+// dynamic CFG) and Wan's (FlowMatchEuler or UniPC with flow sigmas, CFG as two batch-1 passes,
+// the expert switch at boundary_ratio with one controller stage per expert). Text encoding and
+// VAE decoding as compiled parts, tokenization, CogVideoX 5B's rotary tables and DPM scheduler,
+// and the Open-Sora sampler are not written yet.
 #pragma once
 
 #include <map>
@@ -34,6 +36,9 @@ struct BackendError : Error {  // an engine cannot be loaded or run here
   using Error::Error;
 };
 struct NumericsError : Error {  // a layer produced NaN or Inf
+  using Error::Error;
+};
+struct ShapeError : Error {  // a frame count or size the model cannot make
   using Error::Error;
 };
 
