@@ -714,6 +714,55 @@ struct CogVideoXSampler : Sampler {
   }
 };
 
+// Open-Sora 1.2's rectified flow (dit/rflow.py, the release's RFLOW): t_i = (1 - i / N) * T as float32,
+// optionally shifted towards noise for larger videos (r t' / (1 + (r - 1) t'), r from the pixel size
+// and frame count, in float32 as the release computes it); the CFG batch is [conditional,
+// unconditional]; the first C output channels are the velocity; one Euler step per timestep.
+struct RFlowSampler : Sampler {
+  std::vector<at::Tensor> timesteps;  // (1,) float32 each
+  double guidance;
+  int64_t channels, num_timesteps;
+  RFlowSampler(const json& cfg, int n, double g, int64_t c, int frames, int height, int width)
+      : guidance(g), channels(c), num_timesteps(cfg.value("num_timesteps", 1000)) {
+    if (cfg.value("_class_name", "") != "RFlowSampler")
+      throw ConfigError("the C++ runtime's opensora sampler is RFlowSampler; this folder's scheduler is " +
+                        cfg.value("_class_name", std::string("unnamed")));
+    const bool transform = cfg.value("use_timestep_transform", true);
+    const auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
+    const at::Tensor h = torch::tensor({static_cast<float>(height)}, f32), w = torch::tensor({static_cast<float>(width)}, f32),
+                     fr = torch::tensor({static_cast<float>(frames)}, f32);
+    for (int i = 0; i < n; ++i) {
+      at::Tensor t = torch::full({1}, (1.0 - static_cast<double>(i) / n) * num_timesteps, f32);
+      if (transform) {  // dit.rflow.timestep_transform
+        t = t / num_timesteps;
+        const at::Tensor ratio_space = (h * w / (512 * 512)).sqrt();
+        const at::Tensor latent = fr.reshape(-1)[0].item<float>() == 1 ? torch::ones_like(fr) : torch::floor_divide(fr, 17) * 5;
+        if (latent.eq(0).any().item<bool>())
+          throw ShapeError("frames=" + std::to_string(frames) + ": Open-Sora 1.2 samples 1 frame or at least 17");
+        const at::Tensor ratio = ratio_space * latent.sqrt();
+        t = ratio * t / (1 + (ratio - 1) * t) * num_timesteps;
+      }
+      timesteps.push_back(t);
+    }
+    experts.assign(n, 0);
+  }
+  int steps() const override { return static_cast<int>(timesteps.size()); }
+  at::Tensor timestep(int i, int64_t batch, c10::Device device) const override {
+    return (batch == 2 ? torch::cat({timesteps[i], timesteps[i]}) : timesteps[i]).to(device);
+  }
+  at::Tensor step(at::Tensor out, int i, const at::Tensor& z) override {
+    at::Tensor v = out.slice(1, 0, channels);
+    if (guidance > 1.0) {
+      auto halves = v.chunk(2);  // conditional first
+      v = halves[1] + guidance * (halves[0] - halves[1]);
+    }
+    const at::Tensor& t = timesteps[i];
+    const at::Tensor t_next = i + 1 < steps() ? timesteps[i + 1] : torch::zeros_like(t);
+    const at::Tensor dt = (t - t_next) / num_timesteps;
+    return z + v * dt.reshape({-1, 1, 1, 1, 1}).to(z.device());
+  }
+};
+
 // diffusers' get_3d_sincos_pos_embed (output_type "pt"), CogVideoX 2B's position table for a shape:
 // (F, h * w, D), float32 grids and float64 frequencies as diffusers computes them on CPU.
 at::Tensor sincos_1d(int64_t dim, const at::Tensor& pos) {
@@ -737,14 +786,21 @@ at::Tensor sincos_3d(int64_t dim, int64_t w, int64_t h, int64_t frames, double s
   return torch::cat({time, space}, -1);
 }
 
-int shape_value(const json& shapes, const char* name, int value) {
+int shape_value(const json& shapes, const char* name, int value) {  // runtime/engine.py's check_shape
   const json& s = shapes.at(name);
   if (value < 0) value = s.at("default");
-  if (value < s.at("min").get<int>() || value > s.at("max").get<int>())
-    throw ConfigError(std::string(name) + "=" + std::to_string(value) + " is outside the exported range [" +
-                      s.at("min").dump() + ", " + s.at("max").dump() + "]: pass --" + name + " within it");
+  const int lo_bound = s.at("min"), hi_bound = s.at("max");
+  if (value < lo_bound || value > hi_bound)
+    throw ShapeError(std::string(name) + "=" + std::to_string(value) + " is outside the exported range [" +
+                     std::to_string(lo_bound) + ", " + std::to_string(hi_bound) + "]: pass --" + name +
+                     " within it, or re-export with a larger range (foresight-export --max-scale)");
   const int step = s.value("multiple_of", 1);
-  if (value % step) throw ConfigError(std::string(name) + "=" + std::to_string(value) + " is not divisible by " + std::to_string(step));
+  if (value % step) {
+    const int lo = value - value % step;
+    throw ShapeError(std::string(name) + "=" + std::to_string(value) + " is not divisible by " + std::to_string(step) +
+                     " (patch size x VAE factor): pass --" + name + " " + std::to_string(lo >= lo_bound ? lo : lo + step) +
+                     " or " + std::to_string(lo + step));
+  }
   return value;
 }
 
@@ -754,9 +810,8 @@ DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
   torch::NoGradGuard no_grad;
   const json& p = manifest_.pipeline();
   const std::string type = p.at("type");
-  if (type != "latte" && type != "wan" && type != "cogvideox")
-    throw ConfigError("the C++ runtime runs the latte, cogvideox and wan pipelines so far; " + type +
-                      " runs with foresight-run --backend aoti");
+  if (type != "latte" && type != "wan" && type != "cogvideox" && type != "opensora")
+    throw ConfigError("the C++ runtime does not run the " + type + " pipeline; run foresight-run --backend aoti");
   if (type == "cogvideox" && p.value("positional", "sincos") != "sincos")
     throw ConfigError("the C++ runtime computes CogVideoX 2B's sin-cos position tables; this folder's model uses "
                       "rotary tables (5B-style), not ported yet: run foresight-run --backend aoti");
@@ -774,9 +829,22 @@ DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
                             : p.contains("default_guidance_2") && !p["default_guidance_2"].is_null()
                                 ? p["default_guidance_2"].get<double>() : guidance;
   const bool cfg = guidance > 1.0;
-  if (!req.text.defined() || req.text.dim() != 3 || req.text.size(0) != (cfg ? 2 : 1))
-    throw ConfigError(std::string("the encoded prompt must be (") + (cfg ? "2" : "1") + ", T, C)" +
-                      (cfg ? ", the unconditional row first" : ""));
+  // The encoded prompt: the stem inputs the Python pipeline's encode_prompt returns, by name
+  // (`text` is encoder_hidden_states).
+  std::map<std::string, at::Tensor> conditions = req.inputs;
+  if (req.text.defined()) conditions["encoder_hidden_states"] = req.text;
+  const std::string order = type == "opensora" ? "the conditional row first (then the null caption)"
+                                               : "the unconditional row first";
+  for (const auto& spec : manifest_.stem.inputs) {
+    if (spec.name == "latents" || spec.name == "timestep" || spec.name == "pos_embedding" ||
+        (type == "opensora" && (spec.name == "fps" || spec.name == "height" || spec.name == "width")))
+      continue;
+    auto it = conditions.find(spec.name);
+    if (it == conditions.end() || !it->second.defined() || it->second.dim() != static_cast<int64_t>(spec.shape.size()) ||
+        it->second.size(0) != (cfg ? 2 : 1))
+      throw ConfigError("the encoded prompt's " + spec.name + " must be (" + (cfg ? "2" : "1") + ", ...) with " +
+                        std::to_string(spec.shape.size()) + " dimensions" + (cfg ? ", " + order : ""));
+  }
 
   auto controller = Controller(make_policy(req.policy), static_cast<int>(manifest_.layers.size()),
                                static_cast<int>(manifest_.probes.size()));
@@ -801,8 +869,21 @@ DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
     }
   }
 
+  if (type == "opensora") {  // the VAE's chunks: 17 frames -> 5 latent frames, a remainder r -> ceil(r / 4)
+    const int micro = p.at("micro_frame_size"), micro_latent = p.at("micro_latent_frames");
+    if (frames < micro)
+      throw ShapeError("frames=" + std::to_string(frames) + ": Open-Sora 1.2 makes videos of at least " +
+                       std::to_string(micro) + " frames (its timestep transform needs one full VAE chunk); pass "
+                       "--frames " + std::to_string(micro) + " or more");
+    const int rest = frames % micro;
+    latent_frames = frames / micro * micro_latent + (rest ? (rest + temporal - 1) / temporal : 0);
+  }
+
   std::unique_ptr<Sampler> sampler;
-  if (type == "latte") sampler = std::make_unique<LatteSampler>(scheduler_, steps, guidance);
+  if (type == "opensora") sampler = std::make_unique<RFlowSampler>(scheduler_, steps, guidance,
+                                                                   p.at("latent_channels").get<int64_t>(), frames,
+                                                                   height, width);
+  else if (type == "latte") sampler = std::make_unique<LatteSampler>(scheduler_, steps, guidance);
   else if (type == "cogvideox") sampler = std::make_unique<CogVideoXSampler>(scheduler_, steps, guidance,
                                                                               p.value("use_dynamic_cfg", false));
   else sampler = std::make_unique<WanSampler>(scheduler_, steps, guidance, guidance_2, p);
@@ -821,12 +902,22 @@ DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
                                          ? std::vector<int64_t>{1, latent_frames, channels, height / f, width / f}
                                          : std::vector<int64_t>{1, channels, latent_frames, height / f, width / f};
   at::Tensor latents = torch::randn(shape, gen, torch::TensorOptions().dtype(torch::kFloat32)).to(device_);
-  at::Tensor text = req.text.to(device_, torch::kFloat32);
-  // Tables the pipeline computes once per shape (the flow's pipeline_inputs): CogVideoX 2B's positions.
-  std::map<std::string, at::Tensor> shape_inputs;
+  // The stem's inputs that stay the same every step: the encoded prompt, tables the pipeline
+  // computes once per shape (the flow's pipeline_inputs: CogVideoX 2B's positions), and Open-Sora's
+  // fps and pixel size, as the release passes them.
+  std::map<std::string, at::Tensor> constants;
+  for (const auto& spec : manifest_.stem.inputs)
+    if (conditions.count(spec.name)) constants[spec.name] = conditions.at(spec.name).to(device_, torch::kFloat32);
+  if (type == "opensora") {
+    const auto options = torch::TensorOptions().dtype(torch::kFloat32).device(device_);
+    const int64_t b = cfg ? 2 : 1;
+    constants["fps"] = torch::full({b}, p.at("fps").get<double>(), options);
+    constants["height"] = torch::full({b}, static_cast<double>(height), options);
+    constants["width"] = torch::full({b}, static_cast<double>(width), options);
+  }
   if (type == "cogvideox") {
     const int64_t g = f * p.value("patch_size", 1), h = height / g, w = width / g;
-    shape_inputs["pos_embedding"] = sincos_3d(p.at("hidden_size").get<int64_t>(), w, h, latent_frames,
+    constants["pos_embedding"] = sincos_3d(p.at("hidden_size").get<int64_t>(), w, h, latent_frames,
                                               p.value("spatial_interpolation_scale", 1.0),
                                               p.value("temporal_interpolation_scale", 1.0))
                                         .reshape({latent_frames, h, w, -1})
@@ -874,9 +965,8 @@ DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
     const int expert = sampler->experts[i];
     const int64_t batch = cfg ? 2 : 1;
     std::map<std::string, at::Tensor> stem_in{{"latents", cfg ? torch::cat({latents, latents}) : latents},
-                                              {"timestep", sampler->timestep(i, batch, device_)},
-                                              {"encoder_hidden_states", text}};
-    stem_in.insert(shape_inputs.begin(), shape_inputs.end());
+                                              {"timestep", sampler->timestep(i, batch, device_)}};
+    stem_in.insert(constants.begin(), constants.end());
     const StepPlan plan = controller.plan(i);
     std::vector<std::map<int, std::map<std::string, at::Tensor>>> layer_out(L);
     std::map<int, std::map<std::string, at::Tensor>> head_out;

@@ -1,6 +1,7 @@
 // foresight_denoise: the C++ runtime's denoising loop from the command line, for the conformance tests
 // against the Python runtime (tests/cpp/test_runtime.py). The encoded prompt comes in, and the final
-// latents go out, as torch.save files (torch::pickle_load / pickle_save).
+// latents go out, as torch.save files (torch::pickle_load / pickle_save): the prompt as one tensor
+// (encoder_hidden_states) or a dict of the stem's text inputs by name.
 //
 //   foresight_denoise --engines DIR --text text.pt --out latents.pt [--trace trace.json] [--stats stats.json]
 //                     [--steps N] [--seed S] [--guidance G] [--guidance-2 G2] [--frames F --height H --width W]
@@ -34,7 +35,12 @@ int main(int argc, char** argv) {
     if (!in) throw foresight::Error("cannot read " + args["text"]);
     std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     foresight::DenoiseRequest req;
-    req.text = torch::pickle_load(bytes).toTensor();
+    const c10::IValue text = torch::pickle_load(bytes);  // a tensor, or a dict of the stem's text inputs
+    if (text.isTensor()) {
+      req.text = text.toTensor();
+    } else {
+      for (const auto& item : text.toGenericDict()) req.inputs[item.key().toStringRef()] = item.value().toTensor();
+    }
     auto number = [&](const char* k, int fallback) { return args.count(k) ? std::stoi(args[k]) : fallback; };
     req.steps = number("steps", -1);
     req.frames = number("frames", -1);

@@ -127,7 +127,7 @@ def test_cpp_runtime_refuses_what_the_python_runtime_refuses(cpp_build, latte_ao
 @pytest.mark.parametrize("options, message", [
     ({"height": 30}, "height=30 is not divisible by 4"),
     ({"width": 128}, "width=128 is outside the exported range [8, 64]"),
-    ({"guidance": 1.0}, "the encoded prompt must be (1, T, C)"),
+    ({"guidance": 1.0}, "the encoded prompt's encoder_hidden_states must be (1, ...) with 3 dimensions"),
     ({"policy": {"policy": "foresight", "warmup": 1}}, "warmup must be >= 2"),
     ({"steps": 0}, "steps must be a whole number in 1..1000"),
 ])
@@ -186,6 +186,53 @@ def test_cpp_runtime_runs_cogvideox_at_another_shape_and_refuses_frames_its_vae_
         cog_runtime.generate(COG_PROMPT, num_frames=10, num_inference_steps=2, decode=False)
     done, *_ = run_cpp(cpp_build, aoti_engines_dir, cog_text(cog_runtime, tmp_path), tmp_path, frames=10, steps=2)
     assert done.returncode == 1 and str(python.value) in done.stderr, (done.stderr, str(python.value))
+
+
+# ------------------------------------------------------------------------------------ Open-Sora
+OS_PROMPT = "a green square moving up on a black background"
+
+
+@pytest.fixture(scope="module")
+def opensora_aoti(preset_engines, tmp_path_factory):
+    """The shipped Open-Sora 1.2 (rectified flow without the timestep transform, as trained) and a
+    copy with the release's transform on."""
+    shipped = preset_engines("opensora", "tiny", backend="aoti")
+    shifted = tmp_path_factory.mktemp("opensora-shift") / "engines"
+    shutil.copytree(shipped, shifted, symlinks=True)
+    config = shifted / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "use_timestep_transform": True}))
+    from runtime.manifest import sha256_file
+
+    edit_manifest(shifted, lambda d: d["files"]["scheduler/scheduler_config.json"].update(
+        sha256=sha256_file(config), bytes=config.stat().st_size))
+    return {"shipped": shipped, "transform": shifted}
+
+
+@pytest.mark.parametrize("variant, policy", [("shipped", {"policy": "none"}),
+                                             ("shipped", {"policy": "foresight", "warmup": 2, "recalculate": 2,
+                                                          "threshold": 4.0}),
+                                             ("transform", {"policy": "none"})])
+def test_cpp_runtime_runs_opensora_as_the_python_aoti_backend(cpp_build, opensora_aoti, tmp_path, variant, policy):
+    """Rectified flow (with and without the timestep transform), the [conditional, null caption]
+    batch with its mask, fps and the pixel size as stem inputs: bit for bit."""
+    folder = opensora_aoti[variant]
+    rt = Runtime.load(folder, backend="aoti", device="cpu")
+    options = {k: v for k, v in policy.items() if k != "policy"}
+    ref = rt.generate(OS_PROMPT, num_inference_steps=8, seed=4, policy=policy["policy"], decode=False, **options)
+    text = tmp_path / "os-text.pt"
+    torch.save(rt.parts.encode_prompt(OS_PROMPT, None, True), text)  # {"caption", "caption_mask"}
+    done, latents, trace, stats = run_cpp(cpp_build, folder, text, tmp_path, steps=8, seed=4, policy=policy)
+    assert done.returncode == 0, done.stderr
+    assert latents.shape == ref.latents.shape == (1, 4, 5, 8, 8)
+    assert torch.equal(latents, ref.latents) and trace == json.loads(json.dumps(ref.trace))
+    assert stats["layer_engine_calls"] == ref.stats["layer_engine_calls"]
+    if policy["policy"] != "none":
+        assert stats["layer_calls_skipped"] > 0
+    if variant == "shipped" and policy["policy"] == "none":
+        with pytest.raises(ShapeError) as python:
+            rt.generate(OS_PROMPT, num_frames=9, num_inference_steps=2, decode=False)
+        done, *_ = run_cpp(cpp_build, folder, text, tmp_path, frames=9, steps=2)
+        assert done.returncode == 1 and str(python.value) in done.stderr, done.stderr
 
 
 # ------------------------------------------------------------------------------------ Wan

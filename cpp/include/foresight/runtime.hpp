@@ -9,12 +9,13 @@
 //
 // Status: the manifest (versions, paths inside the folder, every file's size and sha256), the
 // AOTInductor executors (one set per expert: Wan 2.2 A14B's two transformers), the flow between
-// parts, the reuse of cached outputs, and two pipelines' samplers: Latte's (DDIM, batched CFG,
-// learned-sigma split), CogVideoX 2B's (CogVideoXDDIM, the sin-cos position table per shape,
-// dynamic CFG) and Wan's (FlowMatchEuler or UniPC with flow sigmas, CFG as two batch-1 passes,
-// the expert switch at boundary_ratio with one controller stage per expert). Text encoding and
-// VAE decoding as compiled parts, tokenization, CogVideoX 5B's rotary tables and DPM scheduler,
-// and the Open-Sora sampler are not written yet.
+// parts, the reuse of cached outputs, and every shipped model's sampler: Latte's (DDIM, batched
+// CFG, learned-sigma split), CogVideoX 2B's (CogVideoXDDIM, the sin-cos position table per shape,
+// dynamic CFG), Open-Sora 1.2's (rectified flow with its timestep transform, [conditional, null]
+// CFG, fps and pixel size as stem inputs) and Wan's (FlowMatchEuler or UniPC with flow sigmas,
+// CFG as two batch-1 passes, the expert switch at boundary_ratio with one controller stage per
+// expert). Not written yet: text encoding and VAE decoding as compiled parts, tokenization,
+// CogVideoX 5B's rotary tables and CogVideoXDPMScheduler.
 #pragma once
 
 #include <map>
@@ -79,6 +80,9 @@ std::string sha256_file(const std::string& path);
 
 struct DenoiseRequest {
   at::Tensor text;  // the encoded prompt (2 or 1, T, C), the unconditional row first when guidance > 1
+  // Or every stem input the Python pipeline's encode_prompt returns, by name (Open-Sora: caption and
+  // caption_mask, the conditional row first and the null caption second).
+  std::map<std::string, at::Tensor> inputs;
   int frames = -1, height = -1, width = -1, steps = -1;  // -1: the manifest's defaults
   double guidance = -1;                                  // -1: the manifest's default
   double guidance_2 = -1;  // the second expert's (two-expert folders); -1: the manifest's default_guidance_2
