@@ -25,7 +25,9 @@ from dit.errors import ModelError
 
 from .base import Family, IOSpec, PartSpec, load_components
 
-PRESETS = {"tiny-random": Path(__file__).resolve().parent.parent / "presets" / "wan-tiny-random",
+PRESETS = {# trained on the synthetic domain (tools/train.py --model wan; BENCHMARKS.md)
+           "tiny": Path(__file__).resolve().parent.parent / "presets" / "wan-tiny",
+           "tiny-random": Path(__file__).resolve().parent.parent / "presets" / "wan-tiny-random",
            # Wan 2.2 T2V-A14B's layout (two experts, boundary_ratio, UniPC): random weights
            "tiny-random-a14b": Path(__file__).resolve().parent.parent / "presets" / "wan-tiny-random-a14b",
            # Wan 2.2 TI2V-5B's layout (per-token timesteps, the Wan 2.2 VAE): random weights
