@@ -138,6 +138,17 @@ def test_cpp_runtime_bad_requests(cpp_build, latte_aoti, python_runtime, tmp_pat
     assert missing.returncode == 1 and "does not exist" in missing.stderr
 
 
+def assert_equal_runs(done, latents, trace, stats, ref, policy, shape):
+    """The C++ run ended as the Python one did: latents of ``shape`` bit for bit, the same decisions,
+    the same engine calls (reused layers' engines never ran)."""
+    assert done.returncode == 0, done.stderr
+    assert latents.shape == ref.latents.shape == shape
+    assert torch.equal(latents, ref.latents) and trace == json.loads(json.dumps(ref.trace))
+    assert stats["layer_engine_calls"] == ref.stats["layer_engine_calls"]
+    if policy["policy"] != "none":
+        assert stats["layer_calls_skipped"] > 0
+
+
 # ------------------------------------------------------------------------------------ CogVideoX
 COG_PROMPT = "a yellow triangle moving down on a white background"
 
@@ -166,12 +177,7 @@ def test_cpp_runtime_runs_cogvideox_as_the_python_aoti_backend(cpp_build, aoti_e
                                **options)
     done, latents, trace, stats = run_cpp(cpp_build, aoti_engines_dir, cog_text(cog_runtime, tmp_path), tmp_path,
                                           steps=12, seed=2, policy=policy)
-    assert done.returncode == 0, done.stderr
-    assert latents.shape == ref.latents.shape == (1, 3, 4, 8, 8)
-    assert torch.equal(latents, ref.latents) and trace == json.loads(json.dumps(ref.trace))
-    assert stats["layer_engine_calls"] == ref.stats["layer_engine_calls"]
-    if policy["policy"] != "none":
-        assert stats["layer_calls_skipped"] > 0
+    assert_equal_runs(done, latents, trace, stats, ref, policy, (1, 3, 4, 8, 8))
 
 
 def test_cpp_runtime_runs_cogvideox_at_another_shape_and_refuses_frames_its_vae_cannot_make(
@@ -222,12 +228,7 @@ def test_cpp_runtime_runs_opensora_as_the_python_aoti_backend(cpp_build, opensor
     text = tmp_path / "os-text.pt"
     torch.save(rt.parts.encode_prompt(OS_PROMPT, None, True), text)  # {"caption", "caption_mask"}
     done, latents, trace, stats = run_cpp(cpp_build, folder, text, tmp_path, steps=8, seed=4, policy=policy)
-    assert done.returncode == 0, done.stderr
-    assert latents.shape == ref.latents.shape == (1, 4, 5, 8, 8)
-    assert torch.equal(latents, ref.latents) and trace == json.loads(json.dumps(ref.trace))
-    assert stats["layer_engine_calls"] == ref.stats["layer_engine_calls"]
-    if policy["policy"] != "none":
-        assert stats["layer_calls_skipped"] > 0
+    assert_equal_runs(done, latents, trace, stats, ref, policy, (1, 4, 5, 8, 8))
     if variant == "shipped" and policy["policy"] == "none":
         with pytest.raises(ShapeError) as python:
             rt.generate(OS_PROMPT, num_frames=9, num_inference_steps=2, decode=False)
