@@ -272,32 +272,47 @@ def wan(args, clips: np.ndarray, prompts: list[str], log: list):
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    torch.manual_seed(args.seed)
-    vae = AutoencoderKLWan(base_dim=16, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
-                           temperal_downsample=[True, True], scale_factor_spatial=4, scale_factor_temporal=4,
-                           latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    train_video_vae(vae, clips, args, log)
-    raw = encode_videos(vae, clips)  # (N, C, F', h, w)
-    mean, std = raw.mean(dim=(0, 2, 3, 4)), raw.std(dim=(0, 2, 3, 4))
-    vae.register_to_config(latents_mean=[round(v, 6) for v in mean.tolist()],
-                           latents_std=[round(v, 6) for v in std.tolist()])
+    if args.init is not None:
+        # Continue a checkpoint: its VAE and latent normalisation stay as they are (so its latents keep
+        # their meaning); its transformer and text encoder train on for --steps more.
+        init = WanPipeline.from_pretrained(args.init, torch_dtype=torch.float32)
+        config = init.transformer.config
+        args.layers, args.head_dim = config.num_layers, config.attention_head_dim
+        args.hidden = config.num_attention_heads * config.attention_head_dim  # training.json records these
+        vae = init.vae
+        raw = encode_videos(vae, clips)
+    else:
+        init = None
+        torch.manual_seed(args.seed)
+        vae = AutoencoderKLWan(base_dim=16, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                               temperal_downsample=[True, True], scale_factor_spatial=4, scale_factor_temporal=4,
+                               latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+        train_video_vae(vae, clips, args, log)
+        raw = encode_videos(vae, clips)  # (N, C, F', h, w)
+        mean, std = raw.mean(dim=(0, 2, 3, 4)), raw.std(dim=(0, 2, 3, 4))
+        vae.register_to_config(latents_mean=[round(v, 6) for v in mean.tolist()],
+                               latents_std=[round(v, 6) for v in std.tolist()])
     mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
     latents = (raw - mean) / std
     print(f"vae done: latents {tuple(latents.shape)}, mean {vae.config.latents_mean}, std {vae.config.latents_std}")
 
-    tokenizer = word_tokenizer(synthetic.vocabulary())
+    if init is not None:
+        tokenizer, text_encoder, transformer = init.tokenizer, init.text_encoder, init.transformer
+    else:
+        tokenizer = word_tokenizer(synthetic.vocabulary())
+        torch.manual_seed(args.seed + 2)
+        text_encoder = UMT5EncoderModel(UMT5Config(
+            vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False))
+        torch.manual_seed(args.seed + 3)
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 1, 1), num_attention_heads=args.hidden // args.head_dim, attention_head_dim=args.head_dim,
+            in_channels=4, out_channels=4, text_dim=TEXT_DIM, freq_dim=64, ffn_dim=4 * args.hidden,
+            num_layers=args.layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+            rope_max_seq_len=64)
     tokenizer.model_max_length = WAN_TEXT_TOKENS
-    torch.manual_seed(args.seed + 2)
-    text_encoder = UMT5EncoderModel(UMT5Config(
-        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-        d_model=TEXT_DIM, d_kv=16, d_ff=128, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
-        is_encoder_decoder=False))
-    torch.manual_seed(args.seed + 3)
-    transformer = WanTransformer3DModel(
-        patch_size=(1, 1, 1), num_attention_heads=args.hidden // args.head_dim, attention_head_dim=args.head_dim,
-        in_channels=4, out_channels=4, text_dim=TEXT_DIM, freq_dim=64, ffn_dim=4 * args.hidden, num_layers=args.layers,
-        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=64)
     # At 32 px a high-noise shift (Wan's 3-5 for 480p-720p) would spend most steps where the tiny model has
     # nothing left to decide: trained on uniform noise levels and sampled without a shift.
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)

@@ -227,6 +227,10 @@ def parse_args(argv=None):
                     help="weight the object's pixels 1 + W times in the VAE's reconstruction loss (default: wan 20, "
                          "others 0). Wan's VAE (RMS norms over channels at every position) otherwise learns the "
                          "background and grey blobs for the small coloured object")
+    ap.add_argument("--init", type=Path, default=None, metavar="CHECKPOINT",
+                    help="--model wan: continue this checkpoint (a folder --out wrote): its VAE and latent "
+                         "normalisation are kept, its transformer and text encoder train --steps more "
+                         "(--layers/--hidden/--head-dim/--vae-* are then the checkpoint's)")
     ap.add_argument("--steps", type=int, default=5000, help="transformer training steps")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -262,6 +266,12 @@ def parse_args(argv=None):
         ap.error(f"--vae-norm-groups must be >= 1 (got {args.vae_norm_groups})")
     if not 0 <= args.curriculum <= args.steps:
         ap.error(f"--curriculum must be between 0 and --steps ({args.steps}) (got {args.curriculum})")
+    if args.init is not None:
+        if args.model != "wan":
+            ap.error("--init: continuing a checkpoint is implemented for --model wan only")
+        if not (args.init / "model_index.json").is_file():
+            ap.error(f"--init {args.init}: not a checkpoint folder (no model_index.json); pass a folder "
+                     "tools.train --out wrote")
     if args.head_dim is None:
         args.head_dim = 64 if args.model == "wan" else 16
     if args.head_dim < 1 or args.hidden % args.head_dim:
@@ -324,6 +334,11 @@ def main(argv=None) -> dict:
         "guidance": args.guidance,
         "pipeline_defaults": pipeline_defaults,
     }
+    if args.init is not None:  # the runs this checkpoint continues, newest first (their logs left out)
+        before = json.loads((args.init / "training.json").read_text()) if (args.init / "training.json").is_file() \
+            else {}
+        meta["continued_from"] = [{k: before.get(k) for k in ("command", "seconds", "final_loss")},
+                                  *before.get("continued_from", [])]
     save_pipeline(pipe, args.out, partial(write_meta, meta=meta))
     print(f"saved {args.out} after {seconds / 60:.1f} min (final smoothed loss {meta['final_loss']:.4f})",
           file=sys.stderr)

@@ -8,6 +8,7 @@ CogVideoX scheduler settings, and saving a pipeline folder atomically.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Callable
@@ -150,6 +151,10 @@ def save_pipeline(pipe, out: Path, extra: Callable[[Path], None] | None = None) 
     out.parent.mkdir(parents=True, exist_ok=True)
     with staged_dir(out) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
+        for config in tmp.glob("*/config.json"):  # a continued checkpoint's would name the folder it came from
+            data = json.loads(config.read_text())
+            if data.pop("_name_or_path", None) is not None:
+                config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         if extra is not None:
             extra(tmp)
     return out

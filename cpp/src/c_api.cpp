@@ -3,14 +3,20 @@
 #include "foresight/foresight.h"
 
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <new>
 #include <string>
 
 #include "foresight/controller.hpp"
+#include "foresight/tokenizer.hpp"
 
 struct fs_controller {
   foresight::Controller controller;
+};
+
+struct fs_tokenizer {
+  foresight::Tokenizer tokenizer;
 };
 
 namespace {
@@ -23,11 +29,13 @@ fs_status fail(fs_status status, const std::string& message) {
 }
 
 template <typename F>
-fs_status guarded(F&& body) {
+fs_status guarded(F&& body, fs_status tokenizer_status = FS_ERR_CONFIG) {
   try {
     last_error.clear();
     body();
     return FS_OK;
+  } catch (const foresight::TokenizerError& e) {
+    return fail(tokenizer_status, e.what());
   } catch (const foresight::ConfigError& e) {
     return fail(FS_ERR_CONFIG, e.what());
   } catch (const foresight::StateError& e) {
@@ -126,5 +134,26 @@ fs_status fs_controller_summary(const fs_controller* controller, long* layer_cal
 }
 
 void fs_free(void* p) { std::free(p); }
+
+fs_status fs_tokenizer_load(const char* path, fs_tokenizer** out) {
+  if (!path || !out) return fail(FS_ERR_ARGUMENT, "fs_tokenizer_load: path and out must not be NULL");
+  *out = nullptr;
+  return guarded([&] { *out = new fs_tokenizer{foresight::Tokenizer::load(path)}; });
+}
+
+void fs_tokenizer_destroy(fs_tokenizer* tokenizer) { delete tokenizer; }
+
+fs_status fs_tokenizer_encode(const fs_tokenizer* tokenizer, const char* text, int max_length, long long* ids,
+                              long long* mask, int* truncated) {
+  if (!tokenizer || !text || !ids || !mask)
+    return fail(FS_ERR_ARGUMENT, "fs_tokenizer_encode: tokenizer, text, ids and mask must not be NULL");
+  if (max_length < 1) return fail(FS_ERR_VALUE, "fs_tokenizer_encode: max_length must be >= 1");
+  return guarded([&] {
+    const foresight::Encoding enc = tokenizer->tokenizer.encode(text, max_length);
+    std::copy(enc.ids.begin(), enc.ids.end(), ids);
+    std::copy(enc.mask.begin(), enc.mask.end(), mask);
+    if (truncated) *truncated = enc.truncated ? 1 : 0;
+  }, FS_ERR_VALUE);
+}
 
 }  // extern "C"

@@ -278,6 +278,36 @@ std::vector<double> np_arange(double start, double stop, double step) {
   return out;
 }
 
+// numpy.linspace(start, stop, num) in float64, as numpy computes it (arange * step + start, the
+// last value set to stop), so the schedules below match diffusers' bit for bit.
+std::vector<double> np_linspace(double start, double stop, int num) {
+  std::vector<double> out(num);
+  const double step = num > 1 ? (stop - start) / (num - 1) : 0.0;
+  for (int i = 0; i < num; ++i) out[i] = num > 1 ? static_cast<double>(i) * step + start : start;
+  if (num > 1) out[num - 1] = stop;
+  return out;
+}
+
+// The DDIM-family schedulers' set_timesteps (DDIMScheduler, CogVideoXDDIMScheduler): ``steps``
+// timesteps out of ``num_train`` by the config's timestep_spacing, in numpy's arithmetic.
+std::vector<int64_t> spaced_timesteps(const json& cfg, int num_train, int steps) {
+  std::vector<int64_t> out;
+  const std::string spacing = cfg.value("timestep_spacing", "leading");
+  if (spacing == "leading") {
+    const int64_t ratio = num_train / steps, offset = cfg.value("steps_offset", 0);
+    for (int i = steps - 1; i >= 0; --i) out.push_back(i * ratio + offset);
+  } else if (spacing == "trailing") {
+    for (double t : np_arange(num_train, 0, -static_cast<double>(num_train) / steps))
+      out.push_back(static_cast<int64_t>(std::nearbyint(t)) - 1);
+  } else if (spacing == "linspace") {
+    const auto v = np_linspace(0, num_train - 1.0, steps);
+    for (int i = steps - 1; i >= 0; --i) out.push_back(static_cast<int64_t>(std::nearbyint(v[i])));
+  } else {
+    throw ConfigError("unknown timestep_spacing " + spacing);
+  }
+  return out;
+}
+
 // diffusers' DDIMScheduler at eta 0, op for op on the same float32 tensors (set_timesteps and step).
 struct DDIM {
   json config;
@@ -300,20 +330,7 @@ struct DDIM {
       throw ConfigError("the C++ runtime's DDIM does not rescale, threshold or clip yet; run foresight-run");
     alphas_cumprod = torch::cumprod(1.0 - betas, 0);
     final_alpha_cumprod = cfg.value("set_alpha_to_one", true) ? torch::tensor(1.0, torch::kFloat32) : alphas_cumprod[0];
-    const std::string spacing = cfg.value("timestep_spacing", "leading");
-    const int64_t offset = cfg.value("steps_offset", 0);
-    if (spacing == "leading") {
-      const int64_t ratio = num_train / steps;
-      for (int i = steps - 1; i >= 0; --i) timesteps.push_back(i * ratio + offset);
-    } else if (spacing == "trailing") {
-      for (double t : np_arange(num_train, 0, -static_cast<double>(num_train) / steps))
-        timesteps.push_back(static_cast<int64_t>(std::nearbyint(t)) - 1);
-    } else if (spacing == "linspace") {
-      for (int i = steps - 1; i >= 0; --i)
-        timesteps.push_back(static_cast<int64_t>(std::nearbyint(steps == 1 ? 0.0 : i * (num_train - 1.0) / (steps - 1))));
-    } else {
-      throw ConfigError("unknown DDIM timestep_spacing " + spacing);
-    }
+    timesteps = spaced_timesteps(cfg, num_train, steps);
   }
 
   at::Tensor step(const at::Tensor& model_output, int64_t t, const at::Tensor& sample) const {
@@ -339,16 +356,6 @@ struct DDIM {
     return torch::pow(a_prev, 0.5) * x0 + torch::pow(1 - a_prev, 0.5) * eps;
   }
 };
-
-// numpy.linspace(start, stop, num) in float64, as numpy computes it (arange * step + start, the
-// last value set to stop), so the schedules below match diffusers' bit for bit.
-std::vector<double> np_linspace(double start, double stop, int num) {
-  std::vector<double> out(num);
-  const double step = num > 1 ? (stop - start) / (num - 1) : 0.0;
-  for (int i = 0; i < num; ++i) out[i] = num > 1 ? static_cast<double>(i) * step + start : start;
-  if (num > 1) out[num - 1] = stop;
-  return out;
-}
 
 // diffusers' FlowMatchEulerDiscreteScheduler without dynamic shifting, sigma conversions or noise:
 // __init__'s float32 sigmas (for sigma_max and sigma_min), set_timesteps' float64 linspace and
@@ -649,19 +656,7 @@ struct CogVideoXDDIM {
     }
     alphas_cumprod = ac;
     final_alpha_cumprod = cfg.value("set_alpha_to_one", true) ? torch::tensor(1.0, torch::kFloat32) : ac[0];
-    const std::string spacing = cfg.value("timestep_spacing", "leading");
-    if (spacing == "trailing") {
-      for (double t : np_arange(num_train, 0, -static_cast<double>(num_train) / steps))
-        timesteps.push_back(static_cast<int64_t>(std::nearbyint(t)) - 1);
-    } else if (spacing == "leading") {
-      const int64_t ratio = num_train / steps;
-      for (int i = steps - 1; i >= 0; --i) timesteps.push_back(i * ratio + cfg.value("steps_offset", 0));
-    } else if (spacing == "linspace") {
-      const auto v = np_linspace(0, num_train - 1.0, steps);
-      for (int i = steps - 1; i >= 0; --i) timesteps.push_back(static_cast<int64_t>(std::nearbyint(v[i])));
-    } else {
-      throw ConfigError("unknown timestep_spacing " + spacing);
-    }
+    timesteps = spaced_timesteps(cfg, num_train, steps);
   }
 
   at::Tensor step(const at::Tensor& model_output, int64_t t, const at::Tensor& sample) const {

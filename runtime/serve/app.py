@@ -210,13 +210,13 @@ def create_app(config: ServeConfig, runner) -> FastAPI:
     # ------------------------------------------------------------------ endpoints
     @app.get("/health")
     def health():
-        return {"status": "ok", "runner": runner.kind, "models": list(state["models"])}
+        return {"status": "ok", "runner": runner.kind, "models": list(state["models"]), "replicas": runner.replicas()}
 
     @app.get("/metrics")
     def metrics():
         from prometheus_client import CONTENT_TYPE_LATEST
 
-        return Response(state["metrics"].render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(state["metrics"].render(runner.replicas()), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     def list_models():

@@ -125,7 +125,9 @@ class RayRunner(ThreadedRunner):
         self._started_ray = not ray.is_initialized() and address is None
         # Nothing leaves this machine at run time: Ray's usage statistics report home unless told not to.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
+        # Without --ray-address, a cluster of this server's own: ray.init() alone would join whichever cluster
+        # was started last on this machine (/tmp/ray/ray_current_cluster), another server's included.
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, ignore_reinit_error=True,
                  configure_logging=False)
         serve.start(proxy_location="Disabled")  # the API is this server's; Serve routes handle calls only
         gpus = 1 if (device or "").startswith("cuda") or (device is None and _cuda()) else 0
@@ -147,6 +149,16 @@ class RayRunner(ThreadedRunner):
     def start(self, store, data_dir, metrics: Metrics) -> None:
         for i in range(self.workers):
             self._spawn(f"foresight-dispatch-{i}", list(self._models), store, data_dir, metrics)
+
+    def replicas(self) -> dict[str, int]:
+        """Serve's replicas of the deployment by state (``RUNNING``, ``STARTING``, ``STOPPING``, ...)."""
+        try:
+            app = self._serve.status().applications["foresight"]
+            states = app.deployments["foresight_replica"].replica_states
+        except Exception as exc:  # the controller busy or gone: the endpoint still answers
+            log.warning("Serve's status is unavailable: %s", exc)
+            return {}
+        return {str(getattr(k, "value", k)): int(v) for k, v in states.items()}
 
     def _shutdown(self) -> None:
         try:

@@ -51,6 +51,9 @@ class Metrics:
         self.skipped_share = Gauge("foresight_layers_skipped_share", "Share of layer calls skipped, every finished "
                                    "job together", ["model"], registry=self.registry)
         self.rejected = Counter("foresight_requests_rejected", "Requests refused", ["reason"], registry=self.registry)
+        self.replicas = Gauge("foresight_replicas", "Runtime replicas by state (Ray Serve's, or this process's one)",
+                              ["state"], registry=self.registry)
+        self._replica_states: set[str] = set()
         self._lock = threading.Lock()
         self._sums: dict[str, list[int]] = {}
 
@@ -64,11 +67,15 @@ class Metrics:
             s[1] += total
             self.skipped_share.labels(model).set(s[0] / max(1, s[1]))
 
-    def render(self) -> bytes:
+    def render(self, replicas: dict[str, int] | None = None) -> bytes:
         from prometheus_client import generate_latest
 
         for state, n in self._store.counts().items():
             self.jobs.labels(state).set(n)
+        if replicas is not None:
+            self._replica_states |= set(replicas)
+            for state in self._replica_states:  # a state seen before and now empty reads 0, not its old count
+                self.replicas.labels(state).set(replicas.get(state, 0))
         return generate_latest(self.registry)
 
     def mean_job_seconds(self) -> float | None:
@@ -117,6 +124,10 @@ class ThreadedRunner:
 
     def _shutdown(self) -> None:
         pass
+
+    def replicas(self) -> dict[str, int]:
+        """Runtime replicas by state (``RUNNING``, ``STARTING``, ...): this process's one by default."""
+        return {"RUNNING": 1}
 
     def _loop(self, models: list[str], store: JobStore, data_dir: Path, metrics: Metrics) -> None:
         while not self._stop.is_set():

@@ -84,6 +84,26 @@ def test_cpp_runtime_at_another_size_without_guidance(cpp_build, latte_aoti, pyt
     assert torch.equal(latents, ref.latents) and trace == json.loads(json.dumps(ref.trace))
 
 
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+def test_cpp_runtime_spaces_ddim_timesteps_as_diffusers(cpp_build, latte_aoti, tmp_path, spacing):
+    """DDIMScheduler's other timestep spacings (the preset uses "leading"), through the one C++
+    spacing function the DDIM-family samplers share."""
+    from runtime.manifest import sha256_file
+
+    folder = tmp_path / "engines"
+    shutil.copytree(latte_aoti, folder, symlinks=True)
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "timestep_spacing": spacing}))
+    edit_manifest(folder, lambda d: d["files"]["scheduler/scheduler_config.json"].update(
+        sha256=sha256_file(config), bytes=config.stat().st_size))
+    rt = Runtime.load(folder, backend="aoti", device="cpu")
+    policy = {"policy": "foresight", "warmup": 3, "recalculate": 2, "threshold": 4.0}
+    ref = rt.generate(PROMPT, num_inference_steps=7, seed=5, decode=False, **policy)
+    done, latents, trace, stats = run_cpp(cpp_build, folder, encoded(rt, tmp_path), tmp_path, steps=7, seed=5,
+                                          policy=policy)
+    assert_equal_runs(done, latents, trace, stats, ref, policy, ref.latents.shape)
+
+
 def tamper_weights(folder):
     path = folder / "aoti" / "layer_002.safetensors"
     data = bytearray(path.read_bytes())

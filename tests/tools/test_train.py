@@ -6,6 +6,7 @@ import json
 import statistics
 
 import pytest
+import torch
 
 from tools import train, training
 
@@ -190,6 +191,32 @@ def test_wan_recipe_trains_and_exports_with_its_shape_and_text_length(tmp_path):
     assert (t["num_attention_heads"], t["attention_head_dim"]) == (1, 64)  # --head-dim's Wan default
     with pytest.raises(SystemExit):
         train.parse_args(["--model", "wan", "--vae-norm-groups", "1"])
+
+    # --init continues the checkpoint: the VAE and its normalisation are kept bit for bit, the transformer
+    # trains on from where it was (its first losses are the end's, not a fresh model's).
+    more = tmp_path / "wan-more"
+    meta2 = train.main(["--model", "wan", "--out", str(more), "--init", str(out), "--clips", "24", "--steps", "10",
+                        "--batch", "4", "--seed", "3", "--lr", "1e-4"])
+    assert not [e for e in meta2["log"] if e["stage"] == "vae"]
+    assert json.loads((more / "vae" / "config.json").read_text())["latents_std"] == vae_config["latents_std"]
+    from safetensors.torch import load_file
+
+    before = load_file(out / "vae" / "diffusion_pytorch_model.safetensors")
+    after = load_file(more / "vae" / "diffusion_pytorch_model.safetensors")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    t_before = load_file(out / "transformer" / "diffusion_pytorch_model.safetensors")
+    t_after = load_file(more / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(t_before[k], t_after[k]) for k in t_before)
+    resumed = [e["loss"] for e in meta2["log"] if e["stage"] == "transformer"]
+    assert statistics.mean(resumed) < statistics.mean(dit[:10])
+    assert meta2["args"]["layers"] == 1 and meta2["args"]["init"] == str(out)
+    for part in ("vae", "transformer"):  # no path of the machine it was made on
+        assert "_name_or_path" not in json.loads((more / part / "config.json").read_text())
+    assert meta2["continued_from"] == [{"command": meta["command"], "seconds": meta["seconds"],
+                                        "final_loss": meta["final_loss"]}]
+    for bad in (["--model", "latte", "--init", str(out)], ["--model", "wan", "--init", str(tmp_path)]):
+        with pytest.raises(SystemExit):
+            train.parse_args(bad)
 
 
 def test_head_dim_default_per_model_and_checked():

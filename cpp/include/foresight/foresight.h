@@ -27,7 +27,7 @@
 extern "C" {
 #endif
 
-#define FS_ABI_VERSION 1
+#define FS_ABI_VERSION 2 /* 2: the tokenizer functions */
 
 #if defined(__GNUC__)
 #define FS_API __attribute__((visibility("default")))
@@ -76,6 +76,17 @@ FS_API fs_status fs_controller_trace_json(const fs_controller* controller, char*
 FS_API fs_status fs_controller_summary(const fs_controller* controller, long* layer_calls, long* layer_calls_skipped,
                                 long* steps);
 FS_API void fs_free(void* p);
+
+/* The prompt tokenizer of an engines folder (its tokenizer/tokenizer.json), encoding as the Python
+ * runtime does: `tokenizer(text, padding="max_length", truncation=True, max_length=L)`. Reads the
+ * shipped word-level tokenizers on ASCII text; other kinds are refused (FS_ERR_CONFIG) naming them. */
+typedef struct fs_tokenizer fs_tokenizer;
+FS_API fs_status fs_tokenizer_load(const char* path, fs_tokenizer** out);
+FS_API void fs_tokenizer_destroy(fs_tokenizer* tokenizer);
+/* ids, mask: arrays of max_length values the call fills (padding: the pad id, mask 0); truncated (may
+ * be NULL): 1 if the text had more tokens than fit. Non-ASCII text: FS_ERR_VALUE. */
+FS_API fs_status fs_tokenizer_encode(const fs_tokenizer* tokenizer, const char* text, int max_length, long long* ids,
+                                     long long* mask, int* truncated);
 
 #ifdef __cplusplus
 }

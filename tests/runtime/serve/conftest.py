@@ -103,6 +103,14 @@ class Server:
             self.proc.kill()
             self.proc.wait(30)
 
+    def close(self):
+        """The end of a test's server: SIGTERM (the graceful shutdown, which stops a Ray cluster it started,
+        so none of its processes outlive it), SIGKILL if that takes over a minute."""
+        try:
+            self.stop()
+        except subprocess.TimeoutExpired:
+            pass
+
 
 @pytest.fixture()
 def start_server():
@@ -116,4 +124,4 @@ def start_server():
 
     yield start
     for s in started:
-        s.kill()
+        s.close()

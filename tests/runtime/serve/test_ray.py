@@ -21,7 +21,7 @@ FAST = {"steps": 4, "size": "16x16", "frames": 4, "policy": "foresight", "warmup
 def ray_server(engines_dir, tmp_path_factory):
     s = Server(engines_dir, tmp_path_factory.mktemp("serve-ray"), "--ray", "--replicas", "2", timeout=600)
     yield s
-    s.kill()
+    s.close()
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,9 @@ def test_jobs_spread_over_both_replicas_and_equal_one_process(ray_server, refere
     assert len(workers) == 2 and all(w.endswith("(ray replica)") for w in workers), workers
     for s, v in zip(range(10), done):
         assert ray_server.get(f"/v1/videos/{v['id']}/content").content == reference(prompt=PROMPT, seed=s, **FAST)
-    assert ray_server.get("/health").json()["runner"] == "ray"
+    health = ray_server.get("/health").json()
+    assert health["runner"] == "ray" and health["replicas"] == {"RUNNING": 2}
+    assert 'foresight_replicas{state="RUNNING"} 2.0' in ray_server.get("/metrics").text
 
 
 def test_bad_requests_are_refused_by_the_replicas_rules(ray_server):

@@ -22,7 +22,7 @@ FAST = {"steps": 4, "size": "16x16", "frames": 4}  # a short job: ~0.1-0.3 s her
 def server(engines_dir, tmp_path_factory):
     s = Server(engines_dir, tmp_path_factory.mktemp("serve"))
     yield s
-    s.kill()
+    s.close()
 
 
 def run_cli(engines_dir, out, **kw) -> bytes:
@@ -104,6 +104,9 @@ def test_metrics(server):
         if line.startswith("foresight_") and " " in line:
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
+    assert values['foresight_replicas{state="RUNNING"}'] == 1.0  # the in-process runtime
+    assert server.get("/health").json() == {"status": "ok", "runner": "local", "models": ["latte-tiny"],
+                                            "replicas": {"RUNNING": 1}}
     assert values['foresight_jobs{state="completed"}'] >= 1
     assert values["foresight_queue_depth"] >= 0
     assert values['foresight_step_seconds_count{model="latte-tiny"}'] >= 8
