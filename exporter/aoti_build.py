@@ -288,3 +288,18 @@ def build(folder: Path, parts, dims_spec: dict, device: str, dtype: str, previou
     section["build_seconds"] = round(time.perf_counter() - t_start, 2)
     section["validation"] = {"tolerance": tolerance, "reference": f"torch eager {dtype} on {dev.type}"}
     return section
+
+
+def build_components(folder: Path, components, device: str, programs: dict, previous: Path | None = None,
+                     generator=None, progress: bool = True) -> dict:
+    """Compile the family's text encoder / VAE decoder parts (``[(PartSpec, dims spec), ...]``, float32,
+    each at its own dims) under ``folder/aoti/components``; their programs join ``programs``. Returns the
+    manifest's ``aoti.components``: per component its program, weights, validation, dims and I/O."""
+    out = {}
+    for part, dims_spec in components:
+        section = build(folder, [part], dims_spec, device, "float32", previous=previous, generator=generator,
+                        progress=progress, prefix="components/", shared=programs)
+        programs.update(section["programs"])
+        out[part.name] = {**section["parts"][part.name], "dims": dims_spec,
+                          "inputs": [s.to_dict() for s in part.inputs], "outputs": [s.to_dict() for s in part.outputs]}
+    return out

@@ -438,6 +438,11 @@ def export(opts: ExportOptions, progress=True) -> Path:
                                                shared=manifest["aoti"]["programs"])
                     manifest["aoti"]["programs"].update(section["programs"])
                     entry["aoti"] = section["parts"]
+                components = family.compiled_components(loaded, pipeline, dims_spec)
+                if components:
+                    manifest["aoti"]["components"] = aoti_build.build_components(
+                        tmp, components, opts.device, manifest["aoti"]["programs"],
+                        previous=out if out.is_dir() else None, generator=generator, progress=progress)
         manifest["files"] = file_table(tmp)
         manifest["export_seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")

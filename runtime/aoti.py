@@ -47,3 +47,55 @@ def check_compat(section: dict, device: torch.device, root) -> None:
         if built[key] != here[key]:
             raise BackendError(f"the AOTInductor packages in {root} were built with {what} {built[key]}, this process "
                                f"has {here[key]} (compiled code runs only where it was built for); {fix}")
+
+
+class CompiledComponent:
+    """A compiled text encoder or VAE decoder (the manifest's ``aoti.components``), called with tensors."""
+
+    def __init__(self, manifest, name: str, device: torch.device):
+        from safetensors.torch import load_file
+
+        section = manifest.aoti
+        check_compat(section, device, manifest.root)
+        entry = section["components"][name]
+        path = manifest.path(section["programs"][entry["program"]]["file"])
+        try:
+            self.runner = load_program(path, device)
+        except RuntimeError as exc:
+            raise BackendError(f"could not load the AOTInductor package {path} ({exc}); re-export with "
+                               f"`foresight-export --backend aoti --out {manifest.root} --overwrite`") from None
+        self.runner.load_constants(load_file(str(manifest.path(entry["weights"])), device=str(device)),
+                                   False, True, False, False)
+        self.name, self.entry = name, entry
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.runner.run(list(inputs))[0]
+
+
+class CompiledTextEncoder:
+    """Called as a transformers encoder is: ``encoder(input_ids, attention_mask=mask)[0]``."""
+
+    def __init__(self, component: CompiledComponent):
+        self.component = component
+
+    def __call__(self, input_ids, attention_mask=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return (self.component(input_ids, attention_mask),)
+
+
+class CompiledVaeDecoder:
+    """Stands in for the diffusers VAE where the pipeline decodes: ``vae.decode(z).sample``; anything
+    else (its config) is the eager VAE's."""
+
+    def __init__(self, component: CompiledComponent, vae):
+        self.component, self.eager = component, vae
+
+    def decode(self, latents, return_dict=True):
+        from types import SimpleNamespace
+
+        images = self.component(latents.contiguous())
+        return SimpleNamespace(sample=images) if return_dict else (images,)
+
+    def __getattr__(self, name):
+        return getattr(self.eager, name)

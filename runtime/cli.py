@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch backend compute dtype (engines keep the precision they were exported in)")
     ap.add_argument("--vae-tiling", action="store_true",
                     help="decode in spatial tiles (diffusers' enable_tiling): bounded memory for large or long videos")
+    ap.add_argument("--compiled-components", action="store_true",
+                    help="encode the prompt and decode the video with the folder's AOTInductor text encoder and VAE "
+                    "decoder (foresight-export --backend aoti compiles them for Latte), as foresight-run-cpp does")
     ap.add_argument("--stats", type=Path, default=None, help="write stats and the decision trace as JSON")
     ap.add_argument("--heatmap", type=Path, default=None, help="write a PNG of computed vs reused layers per step")
     ap.add_argument("--save-frames", type=Path, default=None, help="also save the uint8 frames as .npy")
@@ -129,7 +132,8 @@ def run(args, outputs) -> dict:
     if args.fps is not None and not 0 < args.fps < 1000:
         raise ConfigError(f"--fps must be in (0, 1000) (got {args.fps})")
 
-    kwargs = {k: v for k, v in (("dtype", args.dtype), ("cuda_graphs", args.cuda_graphs)) if v}
+    kwargs = {k: v for k, v in (("dtype", args.dtype), ("cuda_graphs", args.cuda_graphs),
+                                ("compiled_components", args.compiled_components)) if v}
     runtime = Runtime.load(args.engines, backend=args.backend, device=device, manifest=manifest, **kwargs)
     if args.vae_tiling:
         runtime.parts.enable_vae_tiling()

@@ -101,8 +101,11 @@ class Runtime:
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime", device: str | None = None,
-             verify_hashes: bool = True, manifest: Manifest | None = None, **backend_kwargs) -> "Runtime":
-        """Load the engines folder ``path`` (or an already loaded ``manifest``) on ``backend``."""
+             verify_hashes: bool = True, manifest: Manifest | None = None, compiled_components: bool = False,
+             **backend_kwargs) -> "Runtime":
+        """Load the engines folder ``path`` (or an already loaded ``manifest``) on ``backend``.
+        ``compiled_components``: encode prompts and decode latents with the folder's AOTInductor text encoder
+        and VAE decoder (as the C++ runtime does) instead of the eager ones."""
         dev = resolve_device(device)
         manifest = manifest or load_manifest(path, verify_hashes=verify_hashes)
         if manifest.experts and backend == "tensorrt":
@@ -111,7 +114,10 @@ class Runtime:
         if manifest.experts and "modules" in backend_kwargs:
             raise ConfigError("modules= hands the torch backend one transformer; a two-expert folder loads its own")
         engines = [make_backend(backend, manifest.expert(k), dev, **backend_kwargs) for k in range(manifest.num_experts)]
-        return cls(manifest, engines[0], make_pipeline(manifest, dev), dev, tuple(engines[1:]))
+        pipe = make_pipeline(manifest, dev)
+        if compiled_components:
+            pipe.use_compiled_components(manifest, dev)
+        return cls(manifest, engines[0], pipe, dev, tuple(engines[1:]))
 
     # ---------------------------------------------------------------- shapes
     def pool(self, dims: dict[str, int]) -> BufferPool:

@@ -452,6 +452,9 @@ def _check_references(m: Manifest) -> None:
             raise ValueError(f"aoti.parts name programs that aoti.programs does not list: {', '.join(unknown)}")
         if a["dtype"] != m.dtype:
             raise ValueError(f"aoti.dtype {a['dtype']} differs from the manifest's dtype {m.dtype}")
+        unknown = sorted({e["program"] for e in a.get("components", {}).values()} - set(a["programs"]))
+        if unknown:
+            raise ValueError(f"aoti.components name programs that aoti.programs does not list: {', '.join(unknown)}")
 
 
 def _inside(root: Path, relative: str) -> Path:
@@ -472,6 +475,7 @@ def _check_files(m: Manifest, verify_hashes: bool, fix: str) -> None:
             needed.append(m.tensorrt["timing_cache"])
     if m.aoti:
         needed += [e["file"] for e in m.aoti["programs"].values()] + [e["weights"] for e in m.aoti["parts"].values()]
+        needed += [e["weights"] for e in m.aoti.get("components", {}).values()]
     for expert in m.experts:
         needed += list(expert.files.values()) + [e["weights"] for e in (expert.aoti or {}).values()]
     for rel in needed:  # relative without `..` by the schema; _inside catches symlinks leading out

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <set>
 #include <sstream>
 
@@ -164,6 +165,8 @@ Manifest Manifest::load(const std::string& folder, bool verify_hashes) {
   for (int k = 0; k < m.num_experts(); ++k)
     for (const auto& [name, part] : m.aoti_parts(k).items()) needed.push_back(part.at("weights"));
   for (const auto& [name, rel] : m.data.at("components").items()) needed.push_back(rel);
+  const json compiled = m.data["aoti"].value("components", json::object());  // a local: items() does not own it
+  for (const auto& [name, comp] : compiled.items()) needed.push_back(comp.at("weights"));
   for (const std::string& rel : needed) {
     const std::string p = m.path(rel);
     if (fs::is_directory(p)) {
@@ -215,39 +218,62 @@ Runtime Runtime::load(const std::string& folder, const std::string& device_name,
   Runtime rt(std::move(m), device);
   rt.scheduler_ = json::parse(read_file(rt.manifest_.path(
       rt.manifest_.data.at("components").at("scheduler").get<std::string>() + "/scheduler_config.json")));
+  // One compiled program instance with one part's (or component's) weights, its inputs checked.
+  auto executor = [&](const json& entry, const std::vector<std::string>& want, const std::string& what) {
+    const std::string program = rt.manifest_.path(aoti.at("programs").at(entry.at("program").get<std::string>()).at("file"));
+    auto exec = std::make_shared<Executor>();
+    try {
+      exec->loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
+          program, "model", false, 1, device.has_index() ? device.index() : -1);
+    } catch (const std::exception& e) {
+      throw BackendError("could not load the AOTInductor package " + program + " (" + e.what() + "); " + fix);
+    }
+    auto meta = exec->loader->get_metadata();
+    if (!meta.count("foresight.io")) throw BackendError(program + " is not a package foresight-export built (no I/O signature); " + fix);
+    const json io = json::parse(meta["foresight.io"]);
+    std::vector<std::string> got;
+    for (const auto& t : io.at("inputs")) got.push_back(t.at(0));
+    if (want != got) throw BackendError(program + " takes other inputs than " + what + "; " + fix);
+    auto weights = load_safetensors(rt.manifest_.path(entry.at("weights")), device);
+    std::set<std::string> fqns;
+    for (const auto& n : exec->loader->get_constant_fqns()) fqns.insert(n);
+    std::set<std::string> have;
+    for (const auto& [n, t] : weights) have.insert(n);
+    if (have != fqns)
+      throw BackendError(entry.at("weights").get<std::string>() + " holds other weights than " + program + " takes; " + fix);
+    std::unordered_map<std::string, at::Tensor> constants(weights.begin(), weights.end());
+    exec->loader->load_constants(constants, false, true, false, false);
+    return exec;
+  };
   std::vector<const PartSpec*> parts{&rt.manifest_.stem, &rt.manifest_.head};
   for (const auto& l : rt.manifest_.layers) parts.push_back(&l);
   rt.executors_.resize(rt.manifest_.num_experts());
   for (int k = 0; k < rt.manifest_.num_experts(); ++k) {
     for (const PartSpec* part : parts) {
-      const json& entry = rt.manifest_.aoti_parts(k).at(part->name);
-      const std::string program = rt.manifest_.path(aoti.at("programs").at(entry.at("program").get<std::string>()).at("file"));
-      auto exec = std::make_shared<Executor>();
-      try {
-        exec->loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
-            program, "model", false, 1, device.has_index() ? device.index() : -1);
-      } catch (const std::exception& e) {
-        throw BackendError("could not load the AOTInductor package " + program + " (" + e.what() + "); " + fix);
-      }
-      auto meta = exec->loader->get_metadata();
-      if (!meta.count("foresight.io")) throw BackendError(program + " is not a package foresight-export built (no I/O signature); " + fix);
-      const json io = json::parse(meta["foresight.io"]);
-      std::vector<std::string> want, got;
+      std::vector<std::string> want;
       for (const auto& t : part->inputs) want.push_back(t.name);
-      for (const auto& t : io.at("inputs")) got.push_back(t.at(0));
-      if (want != got) throw BackendError(program + " takes other inputs than part " + part->name + "; " + fix);
-      auto weights = load_safetensors(rt.manifest_.path(entry.at("weights")), device);
-      std::set<std::string> fqns;
-      for (const auto& n : exec->loader->get_constant_fqns()) fqns.insert(n);
-      std::set<std::string> have;
-      for (const auto& [n, t] : weights) have.insert(n);
-      if (have != fqns)
-        throw BackendError(entry.at("weights").get<std::string>() + " holds other weights than " + program + " takes; " + fix);
-      std::unordered_map<std::string, at::Tensor> constants(weights.begin(), weights.end());
-      exec->loader->load_constants(constants, false, true, false, false);
-      rt.executors_[k][part->name] = exec;
+      rt.executors_[k][part->name] = executor(rt.manifest_.aoti_parts(k).at(part->name), want, "part " + part->name);
       rt.calls_[part->name] = 0;
     }
+  }
+  // The compiled text encoder and VAE decoder, and the tokenizer: what generate() needs.
+  const json components = aoti.value("components", json::object());
+  if (!components.contains("text_encoder") || !components.contains("vae_decoder")) {
+    rt.no_generate_ = rt.manifest_.root + " has no compiled text encoder and VAE decoder (foresight-export --backend "
+                      "aoti writes them for pipeline type latte; this folder's is " +
+                      rt.manifest_.pipeline().at("type").get<std::string>() + "): encode the prompt in Python and "
+                      "call denoise(), or run foresight-run --backend aoti";
+    return rt;
+  }
+  rt.text_encoder_ = executor(components["text_encoder"], {"input_ids", "attention_mask"}, "the text encoder");
+  rt.vae_decoder_ = executor(components["vae_decoder"], {"latents"}, "the VAE decoder");
+  const std::string component_dir = rt.manifest_.data.at("components").at("vae").get<std::string>();
+  rt.vae_scaling_ = json::parse(read_file(rt.manifest_.path(component_dir + "/config.json"))).value("scaling_factor", 1.0);
+  try {
+    rt.tokenizer_ = std::make_shared<Tokenizer>(Tokenizer::load(rt.manifest_.path(
+        rt.manifest_.data.at("components").at("tokenizer").get<std::string>() + "/tokenizer.json")));
+  } catch (const TokenizerError& e) {
+    rt.no_generate_ = e.what();
   }
   return rt;
 }
@@ -1031,6 +1057,94 @@ DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
     result.stats["experts"] = sampler->experts;
   }
   return result;
+}
+
+// ------------------------------------------------------------------------------------ prompt to frames
+namespace {
+
+// Python's str.strip() on ASCII: the characters str.isspace() is true for.
+std::string py_strip(const std::string& text) {
+  auto space = [](unsigned char c) { return c == ' ' || (c >= '\t' && c <= '\r') || (c >= 0x1c && c <= 0x1f); };
+  size_t a = 0, b = text.size();
+  while (a < b && space(text[a])) ++a;
+  while (b > a && space(text[b - 1])) --b;
+  return text.substr(a, b - a);
+}
+
+std::string ascii_lower(std::string text) {
+  for (char& c : text)
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c + 32);
+  return text;
+}
+
+}  // namespace
+
+void Runtime::check_generate() const {
+  if (!no_generate_.empty()) throw ConfigError(no_generate_);
+  if (manifest_.pipeline().at("type") != "latte")
+    throw ConfigError("Runtime::generate runs pipeline type latte; this folder's is " +
+                      manifest_.pipeline().at("type").get<std::string>() + ": encode the prompt in Python and call "
+                      "denoise(), or run foresight-run --backend aoti");
+}
+
+// LattePipelineParts.encode_prompt: lower-cased and stripped, padded to max_text_length with its mask,
+// encoded, cut to the prompt's tokens (the negative prompt to the same count), negative row first.
+at::Tensor Runtime::encode_prompt(const std::string& prompt, const std::string& negative_prompt, bool guidance) {
+  check_generate();
+  torch::NoGradGuard no_grad;
+  const json& p = manifest_.pipeline();
+  const int max_length = p.at("max_text_length");
+  auto encode = [&](const std::string& text, int64_t* tokens) {
+    const Encoding enc = tokenizer_->encode(ascii_lower(py_strip(text)), max_length);
+    if (enc.truncated) std::cerr << "warning: the prompt was truncated to " << max_length << " tokens\n";
+    auto opts = torch::TensorOptions().dtype(torch::kInt64);
+    at::Tensor ids = torch::tensor(enc.ids, opts).view({1, max_length}).to(device_);
+    at::Tensor mask = torch::tensor(enc.mask, opts).view({1, max_length}).to(device_);
+    if (tokens) *tokens = mask.sum().item<int64_t>();
+    return text_encoder_->loader->run({ids, mask}).at(0);
+  };
+  int64_t tokens = 0;
+  at::Tensor embeds = encode(prompt, &tokens);
+  const int64_t keep = p.value("mask_text", true) ? tokens : embeds.size(1);
+  embeds = embeds.slice(1, 0, keep);
+  if (guidance) embeds = torch::cat({encode(negative_prompt, nullptr).slice(1, 0, keep), embeds}, 0);
+  return embeds;
+}
+
+// LattePipelineParts.decode: 1/s * latents, frames first, decoded decode_chunk_size frames at a time,
+// then diffusers' VideoProcessor postprocessing and the runtime's rounding to uint8.
+at::Tensor Runtime::decode(const at::Tensor& latents) {
+  check_generate();
+  torch::NoGradGuard no_grad;
+  const int64_t n = latents.size(2);
+  at::Tensor x = (1 / vae_scaling_ * latents.permute({0, 2, 1, 3, 4}).flatten(0, 1)).contiguous();
+  const int64_t chunk = manifest_.pipeline().value("decode_chunk_size", 14);
+  std::vector<at::Tensor> pieces;
+  for (int64_t i = 0; i < x.size(0); i += chunk)
+    pieces.push_back(vae_decoder_->loader->run({x.slice(0, i, std::min(i + chunk, x.size(0))).contiguous()}).at(0));
+  at::Tensor video = torch::cat(pieces);
+  video = video.reshape({-1, n, video.size(1), video.size(2), video.size(3)}).permute({0, 2, 1, 3, 4});
+  at::Tensor frames = video[0].permute({1, 0, 2, 3}).to(torch::kFloat32);    // (F, 3, H, W)
+  frames = (frames * 0.5 + 0.5).clamp(0, 1).cpu().permute({0, 2, 3, 1});   // (F, H, W, 3) in [0, 1]
+  return (frames * 255).round().to(torch::kUInt8).contiguous();
+}
+
+Result Runtime::generate(const Request& req) {
+  check_generate();
+  const json& p = manifest_.pipeline();
+  const double guidance = req.guidance < 0 ? p.at("default_guidance").get<double>() : req.guidance;
+  const std::string negative = req.default_negative ? p.value("default_negative_prompt", "") : req.negative_prompt;
+  DenoiseRequest d;
+  d.frames = req.frames;
+  d.height = req.height;
+  d.width = req.width;
+  d.steps = req.steps;
+  d.guidance = guidance;
+  d.seed = req.seed;
+  d.policy = req.policy;
+  d.text = encode_prompt(req.prompt, negative, guidance > 1.0);
+  DenoiseResult r = denoise(d);
+  return Result{decode(r.latents), r.latents, std::move(r.trace), std::move(r.stats)};
 }
 
 }  // namespace foresight

@@ -25,12 +25,39 @@ int main(int argc, char** argv) {
     }
     args[key.substr(2)] = argv[i + 1];
   }
-  if (argc % 2 == 0 || !args.count("engines") || !args.count("text") || !args.count("out")) {
-    std::cerr << "usage: foresight_denoise --engines DIR --text text.pt --out latents.pt [options]\n";
+  if (argc % 2 == 0 || !args.count("engines") || !(args.count("text") || args.count("prompt")) || !args.count("out")) {
+    std::cerr << "usage: foresight_denoise --engines DIR (--text text.pt | --prompt P [--negative-prompt N] "
+                 "[--frames-out frames.pt]) --out latents.pt [options]\n";
     return 2;
   }
+  auto number = [&](const char* k, int fallback) { return args.count(k) ? std::stoi(args[k]) : fallback; };
+  auto save = [](const at::Tensor& t, const std::string& path) {
+    std::vector<char> out = torch::pickle_save(t.cpu());
+    std::ofstream(path, std::ios::binary).write(out.data(), static_cast<std::streamsize>(out.size()));
+  };
   try {
     auto rt = foresight::Runtime::load(args["engines"], args.count("device") ? args["device"] : "cpu");
+    if (args.count("prompt")) {  // prompt to frames: Runtime::generate
+      foresight::Request req;
+      req.prompt = args["prompt"];
+      if (args.count("negative-prompt")) {
+        req.negative_prompt = args["negative-prompt"];
+        req.default_negative = false;
+      }
+      req.steps = number("steps", -1);
+      req.frames = number("frames", -1);
+      req.height = number("height", -1);
+      req.width = number("width", -1);
+      if (args.count("seed")) req.seed = std::stoull(args["seed"]);
+      if (args.count("guidance")) req.guidance = std::stod(args["guidance"]);
+      if (args.count("policy")) req.policy = nlohmann::json::parse(args["policy"]);
+      foresight::Result res = rt.generate(req);
+      save(res.latents, args["out"]);
+      if (args.count("frames-out")) save(res.frames, args["frames-out"]);
+      if (args.count("trace")) std::ofstream(args["trace"]) << res.trace.dump();
+      if (args.count("stats")) std::ofstream(args["stats"]) << res.stats.dump();
+      return 0;
+    }
     std::ifstream in(args["text"], std::ios::binary);
     if (!in) throw foresight::Error("cannot read " + args["text"]);
     std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -41,7 +68,6 @@ int main(int argc, char** argv) {
     } else {
       for (const auto& item : text.toGenericDict()) req.inputs[item.key().toStringRef()] = item.value().toTensor();
     }
-    auto number = [&](const char* k, int fallback) { return args.count(k) ? std::stoi(args[k]) : fallback; };
     req.steps = number("steps", -1);
     req.frames = number("frames", -1);
     req.height = number("height", -1);
@@ -51,8 +77,7 @@ int main(int argc, char** argv) {
     if (args.count("guidance-2")) req.guidance_2 = std::stod(args["guidance-2"]);
     if (args.count("policy")) req.policy = nlohmann::json::parse(args["policy"]);
     foresight::DenoiseResult res = rt.denoise(req);
-    std::vector<char> out = torch::pickle_save(res.latents.cpu());
-    std::ofstream(args["out"], std::ios::binary).write(out.data(), static_cast<std::streamsize>(out.size()));
+    save(res.latents, args["out"]);
     if (args.count("trace")) std::ofstream(args["trace"]) << res.trace.dump();
     if (args.count("stats")) std::ofstream(args["stats"]) << res.stats.dump();
   } catch (const std::exception& e) {

@@ -148,6 +148,13 @@ class Family:
         """Pipeline files that come from the transformer (``{component name: file}``); none by default."""
         return {}
 
+    def compiled_components(self, loaded: LoadedModel, pipeline: dict, dims_spec: dict) -> list:
+        """``[(PartSpec, dims spec), ...]``: the text encoder and VAE decoder as parts that ``--backend aoti``
+        compiles too, so a host without Python (the C++ runtime) goes from a prompt to frames. Their I/O:
+        ``text_encoder(input_ids, attention_mask) -> embeddings`` as the Python runtime calls it, and
+        ``vae_decoder(latents) -> images`` on the scaled latents it decodes. None by default."""
+        return []
+
     def checkpoint_facts(self, source: str) -> dict:
         """Pipeline facts the checkpoint's own pipeline config sets (Wan 2.2's ``boundary_ratio``); none by default."""
         return {}

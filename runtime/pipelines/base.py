@@ -136,6 +136,19 @@ class PipelineParts:
             self.scheduler_cls = getattr(diffusers, json.loads((sched_dir / "scheduler_config.json").read_text())["_class_name"])
             self.scheduler_config = self.scheduler_cls.from_pretrained(sched_dir, local_files_only=True).config
 
+    def use_compiled_components(self, manifest: Manifest, device: torch.device) -> None:
+        """Encode prompts and decode latents with the folder's compiled text encoder and VAE decoder
+        (``aoti.components``: what the C++ runtime runs) instead of the eager modules."""
+        from ..aoti import CompiledComponent, CompiledTextEncoder, CompiledVaeDecoder
+        from ..errors import ConfigError
+
+        found = (manifest.aoti or {}).get("components", {})
+        if set(found) != {"text_encoder", "vae_decoder"}:
+            raise ConfigError(f"{manifest.root} has no compiled text encoder and VAE decoder: export it with "
+                              f"`foresight-export --backend aoti` (they are compiled for pipeline type latte)")
+        self.text_encoder = CompiledTextEncoder(CompiledComponent(manifest, "text_encoder", device))
+        self.vae = CompiledVaeDecoder(CompiledComponent(manifest, "vae_decoder", device), self.vae)
+
     def enable_vae_tiling(self) -> None:
         """Decode in overlapping spatial tiles (and the VAE's own frame batches): bounded memory
         for long or large videos, at a small cost in seams (diffusers' ``enable_tiling``)."""

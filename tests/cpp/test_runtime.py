@@ -104,6 +104,60 @@ def test_cpp_runtime_spaces_ddim_timesteps_as_diffusers(cpp_build, latte_aoti, t
     assert_equal_runs(done, latents, trace, stats, ref, policy, ref.latents.shape)
 
 
+def run_generate(cpp_build, engines, tmp_path, prompt, **options):
+    """foresight_denoise --prompt: Runtime::generate (tokenizer, compiled text encoder, denoising, compiled
+    VAE decoder); returns the process, the latents, the uint8 frames, the trace and the stats."""
+    out, frames, trace, stats = (tmp_path / n for n in ("latents.pt", "frames.pt", "trace.json", "stats.json"))
+    for f in (out, frames, trace, stats):
+        f.unlink(missing_ok=True)
+    args = [str(cpp_build / "foresight_denoise"), "--engines", str(engines), "--prompt", prompt, "--out", str(out),
+            "--frames-out", str(frames), "--trace", str(trace), "--stats", str(stats)]
+    for k, v in options.items():
+        args += [f"--{k}", json.dumps(v) if isinstance(v, dict) else str(v)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    if done.returncode:
+        return done, None, None, None, None
+    return done, torch.load(out), torch.load(frames), json.loads(trace.read_text()), json.loads(stats.read_text())
+
+
+@pytest.fixture(scope="module")
+def compiled_runtime(latte_aoti):
+    return Runtime.load(latte_aoti, backend="aoti", device="cpu", compiled_components=True)
+
+
+@pytest.mark.parametrize("case", [
+    {"prompt": "  A Red Square moving LEFT on a gray background ", "steps": 8, "seed": 7,
+     "policy": {"policy": "foresight", "warmup": 3, "recalculate": 2, "threshold": 4.0}},
+    {"prompt": "a blue circle, moving up!", "negative": "a red square", "steps": 5, "seed": 1, "guidance": 4.0,
+     "frames": 5, "height": 24, "width": 40, "policy": {"policy": "none"}},
+    {"prompt": "a green triangle moving down", "steps": 8, "seed": 2, "guidance": 1.0, "policy": {"policy": "static"}},
+], ids=["foresight-defaults", "negative-other-size", "no-guidance"])
+def test_cpp_generate_makes_the_python_runtimes_frames(cpp_build, latte_aoti, compiled_runtime, tmp_path, case):
+    """A prompt to frames in C++ (foresight::Runtime::generate) equals Runtime.generate with the same
+    compiled text encoder and VAE decoder: latents, frames and decisions bit for bit."""
+    policy = case["policy"]
+    ref = compiled_runtime.generate(case["prompt"], negative_prompt=case.get("negative"),
+                                    num_frames=case.get("frames"), height=case.get("height"), width=case.get("width"),
+                                    num_inference_steps=case["steps"], guidance_scale=case.get("guidance"),
+                                    seed=case["seed"], policy=policy["policy"],
+                                    **{k: v for k, v in policy.items() if k != "policy"})
+    options = {k: case[k] for k in ("steps", "seed", "guidance", "frames", "height", "width") if k in case}
+    if "negative" in case:
+        options["negative-prompt"] = case["negative"]
+    done, latents, frames, trace, stats = run_generate(cpp_build, latte_aoti, tmp_path, case["prompt"],
+                                                       policy=policy, **options)
+    assert_equal_runs(done, latents, trace, stats, ref, policy, ref.latents.shape)
+    assert frames.dtype == torch.uint8 and torch.equal(frames, torch.from_numpy(ref.frames))
+
+
+def test_cpp_generate_refusals(cpp_build, latte_aoti, aoti_engines_dir, tmp_path):
+    done, *_ = run_generate(cpp_build, latte_aoti, tmp_path, "a red caf\u00e9 square", steps=2)
+    assert done.returncode == 1 and "error: the prompt has non-ASCII characters" in done.stderr, done.stderr
+    done, *_ = run_generate(cpp_build, aoti_engines_dir, tmp_path, "a red square", steps=2)  # CogVideoX: none yet
+    assert done.returncode == 1 and "has no compiled text encoder and VAE decoder" in done.stderr, done.stderr
+    assert not (tmp_path / "frames.pt").exists()
+
+
 def tamper_weights(folder):
     path = folder / "aoti" / "layer_002.safetensors"
     data = bytearray(path.read_bytes())

@@ -256,7 +256,8 @@ def test_a_zero_foreground_weight_is_plain_mse():
     vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
                            scale_factor_spatial=2, scale_factor_temporal=2, latents_mean=[0.0] * 4,
                            latents_std=[1.0] * 4)
-    x = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    x = torch.full((2, 3, 5, 16, 16), -0.5)  # a flat background with an object: weights 1 and 21
+    x[:, :, :, 4:8, 6:10] = torch.rand(2, 3, 5, 4, 4) * 0.5 + 0.5
     plain, _ = training.kl_vae_loss(vae, x, torch.Generator().manual_seed(1), 1e-4)
     zero, _ = training.kl_vae_loss(vae, x, torch.Generator().manual_seed(1), 1e-4, 0.0)
     weighted, _ = training.kl_vae_loss(vae, x, torch.Generator().manual_seed(1), 1e-4, 20.0)

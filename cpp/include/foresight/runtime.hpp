@@ -14,8 +14,9 @@
 // dynamic CFG), Open-Sora 1.2's (rectified flow with its timestep transform, [conditional, null]
 // CFG, fps and pixel size as stem inputs) and Wan's (FlowMatchEuler or UniPC with flow sigmas,
 // CFG as two batch-1 passes, the expert switch at boundary_ratio with one controller stage per
-// expert). Not written yet: text encoding and VAE decoding as compiled parts, tokenization,
-// CogVideoX 5B's rotary tables and CogVideoXDPMScheduler.
+// expert). Runtime::generate goes from a prompt to frames (tokenizer, compiled text encoder and VAE
+// decoder) for Latte folders. Not written yet: compiled text encoders and VAE decoders of the other
+// pipelines, CogVideoX 5B's rotary tables and CogVideoXDPMScheduler.
 #pragma once
 
 #include <map>
@@ -27,6 +28,7 @@
 #include <torch/torch.h>
 
 #include "foresight/controller.hpp"
+#include "foresight/tokenizer.hpp"
 
 namespace foresight {
 
@@ -96,10 +98,36 @@ struct DenoiseResult {
   nlohmann::json stats;
 };
 
+// A prompt to frames (Runtime::generate): the prompt tokenized, encoded by the compiled text encoder,
+// denoised, decoded by the compiled VAE decoder, as foresight-run does it with the same seed.
+struct Request {
+  std::string prompt;
+  std::string negative_prompt;
+  bool default_negative = true;  // true: the manifest's default_negative_prompt, not negative_prompt
+  int frames = -1, height = -1, width = -1, steps = -1;  // -1: the manifest's defaults
+  double guidance = -1;                                  // -1: the manifest's default
+  uint64_t seed = 0;
+  nlohmann::json policy = {{"policy", "none"}};  // Policy.to_dict()
+};
+
+struct Result {
+  at::Tensor frames;   // uint8 (F, H, W, 3) on the CPU
+  at::Tensor latents;  // the final latents, as DenoiseResult's
+  nlohmann::ordered_json trace;
+  nlohmann::json stats;
+};
+
 class Runtime {
  public:
   static Runtime load(const std::string& folder, const std::string& device = "cpu", bool verify_hashes = true);
   DenoiseResult denoise(const DenoiseRequest& request);
+  // Needs the compiled text encoder and VAE decoder (`foresight-export --backend aoti` writes them for
+  // pipeline type latte); other folders are refused with ConfigError.
+  Result generate(const Request& request);
+  // The encoded prompt as the Python pipeline's encode_prompt gives it ((2 or 1, T, C), negative first).
+  at::Tensor encode_prompt(const std::string& prompt, const std::string& negative_prompt, bool guidance);
+  // Final latents (1, C, F, h, w) -> uint8 frames (F, H, W, 3) on the CPU.
+  at::Tensor decode(const at::Tensor& latents);
   const Manifest& manifest() const { return manifest_; }
   long engine_calls(const std::string& part) const;  // every expert's together
 
@@ -111,6 +139,11 @@ class Runtime {
   std::vector<std::map<std::string, std::shared_ptr<Executor>>> executors_;  // per expert, by part name
   std::map<std::string, long> calls_;
   nlohmann::json scheduler_;  // the scheduler's config, read once at load (its file was hashed then)
+  std::shared_ptr<Executor> text_encoder_, vae_decoder_;  // aoti.components, when the folder has them
+  std::shared_ptr<Tokenizer> tokenizer_;
+  std::string no_generate_;  // why generate() cannot run here ("" if it can)
+  double vae_scaling_ = 1.0;
+  void check_generate() const;
   std::vector<at::Tensor> run(const PartSpec& part, const std::map<std::string, at::Tensor>& inputs, int expert);
 };
 

@@ -22,7 +22,7 @@ def test_the_preset_exports_with_its_trained_defaults(wan_tiny):
     p = m["pipeline"]
     assert p["type"] == "wan" and p["cfg"] == "separate" and len(m["parts"]["layers"]) == 6
     assert (p["default_frames"], p["default_height"], p["default_width"], p["max_text_length"]) == (9, 32, 32, 16)
-    assert p["default_guidance"] == 3.5  # picked by evaluation (BENCHMARKS.md)
+    assert p["default_guidance"] == 5.0  # WanPipeline's: colour and direction 100% at it (BENCHMARKS.md)
     assert m["foresight_defaults"] == {"warmup": 4, "recalculate": 4, "threshold": 4.0}  # tools/sweep.py's pick
 
 

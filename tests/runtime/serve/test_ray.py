@@ -32,8 +32,17 @@ def reference(engines_dir):
     gen = Generator({"latte-tiny": str(engines_dir)}, backend="onnxruntime", device="cpu")
 
     def make(**body) -> bytes:
-        params = gen.check("latte-tiny", body)
-        return gen.mp4_bytes(params, gen.generate(params).frames)
+        # One torch thread, as the replicas run (Ray gives a 1-CPU replica OMP_NUM_THREADS=1): a reduction split
+        # over another thread count can round differently and flip a Foresight decision near its threshold.
+        import torch
+
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            params = gen.check("latte-tiny", body)
+            return gen.mp4_bytes(params, gen.generate(params).frames)
+        finally:
+            torch.set_num_threads(threads)
 
     return make
 

@@ -4,6 +4,7 @@ cancellation, persistence across kills, shutdown, limits, auth, metrics and bad 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -29,7 +30,9 @@ def run_cli(engines_dir, out, **kw) -> bytes:
     cmd = [sys.executable, "-m", "runtime.cli", "--engines", str(engines_dir), "--out", str(out), "--quiet"]
     for k, v in kw.items():
         cmd += [f"--{k.replace('_', '-')}", str(v)]
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    # One torch thread, as the server runs (Server sets OMP_NUM_THREADS=1): a reduction split over another
+    # thread count can round differently, flip a Foresight decision near its threshold and change the video.
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return out.read_bytes()
 
 
