@@ -10,6 +10,7 @@
 #include <ATen/Version.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -980,6 +981,7 @@ DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
     return out;
   };
 
+  const auto t_loop = std::chrono::steady_clock::now();
   std::vector<std::map<std::string, at::Tensor>> cache(L);  // each layer's outputs from the last step that ran it
   long engine_calls = 0;
   for (int i = 0; i < steps; ++i) {
@@ -1046,11 +1048,13 @@ DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
     latents = sampler->step(noise_pred.to(torch::kFloat32), i, latents);
   }
   auto summary = controller.summary();
+  const double denoise_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_loop).count();
   DenoiseResult result{latents, controller.trace(), json::object()};
   result.stats = {{"policy", controller.policy().name()}, {"steps", steps}, {"num_layers", L},
                   {"layer_calls", summary.layer_calls}, {"layer_calls_skipped", summary.layer_calls_skipped},
                   {"layer_engine_calls", engine_calls}, {"frames", frames}, {"height", height}, {"width", width},
-                  {"guidance_scale", guidance}, {"seed", req.seed}, {"device", device_.str()}};
+                  {"guidance_scale", guidance}, {"seed", req.seed}, {"device", device_.str()},
+                  {"denoise_seconds", denoise_seconds}};
   if (two) {
     result.stats["guidance_scale_2"] = cfg ? json(guidance_2) : json();
     result.stats["stages"] = stages;
@@ -1130,6 +1134,9 @@ at::Tensor Runtime::decode(const at::Tensor& latents) {
 }
 
 Result Runtime::generate(const Request& req) {
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
+  auto seconds = [](clock::time_point a, clock::time_point b) { return std::chrono::duration<double>(b - a).count(); };
   check_generate();
   const json& p = manifest_.pipeline();
   const double guidance = req.guidance < 0 ? p.at("default_guidance").get<double>() : req.guidance;
@@ -1143,8 +1150,15 @@ Result Runtime::generate(const Request& req) {
   d.seed = req.seed;
   d.policy = req.policy;
   d.text = encode_prompt(req.prompt, negative, guidance > 1.0);
+  const auto t1 = clock::now();
   DenoiseResult r = denoise(d);
-  return Result{decode(r.latents), r.latents, std::move(r.trace), std::move(r.stats)};
+  const auto t2 = clock::now();
+  at::Tensor frames = decode(r.latents);
+  const auto t3 = clock::now();
+  r.stats["text_encode_seconds"] = seconds(t0, t1);
+  r.stats["decode_seconds"] = seconds(t2, t3);
+  r.stats["total_seconds"] = seconds(t0, t3);
+  return Result{frames, r.latents, std::move(r.trace), std::move(r.stats)};
 }
 
 }  // namespace foresight

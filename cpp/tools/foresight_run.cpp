@@ -216,9 +216,11 @@ int main(int argc, char** argv) {
     if (args.count("threshold")) req.policy["threshold"] = real(args, "threshold");
 
     auto rt = foresight::Runtime::load(args["engines"], args.count("device") ? args["device"] : "cpu");
-    if (policy == "foresight")  // the manifest's defaults, then the flags, as foresight-run
-      for (const auto& [k, v] : rt.manifest().data.value("foresight_defaults", json::object()).items())
+    if (policy == "foresight") {  // the manifest's defaults, then the flags, as foresight-run
+      const json defaults = rt.manifest().data.value("foresight_defaults", json::object());  // items() needs it alive
+      for (const auto& [k, v] : defaults.items())
         if (!req.policy.contains(k)) req.policy[k] = v;
+    }
     const double fps = args.count("fps") ? real(args, "fps") : rt.manifest().pipeline().value("fps", 8.0);
     if (!(fps > 0 && fps < 1000)) throw UsageError("--fps must be in (0, 1000) (got " + args["fps"] + ")");
     foresight::Result res = rt.generate(req);

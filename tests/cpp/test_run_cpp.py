@@ -45,7 +45,8 @@ def test_frames_decisions_and_mp4_equal_foresight_run(cpp_build, latte_aoti, tmp
     assert ours["trace"] == theirs["trace"] and ours["layer_calls_skipped"] == theirs["layer_calls_skipped"] > 0
     assert (cpp / "v.mp4").read_bytes() == (py / "v.mp4").read_bytes()
     assert sorted(p.name for p in cpp.iterdir()) == ["f.npy", "s.json", "v.mp4"]  # no temporaries left
-    npy = run_cpp(cpp_build, *common, "--policy", "none", "--out", cpp / "none.npy")
+    npy = run_cpp(cpp_build, "--engines", latte_aoti, "--prompt", PROMPT, "--steps", 4, "--policy", "none", "--out",
+                  cpp / "none.npy")
     assert npy.returncode == 0, npy.stderr
     assert np.load(cpp / "none.npy").shape == (8, 32, 32, 3)
 
@@ -57,7 +58,7 @@ def test_frames_decisions_and_mp4_equal_foresight_run(cpp_build, latte_aoti, tmp
     (["--engines", "{E}", "--prompt", PROMPT, "--out", "{E}/o.npy"], "is inside the engines folder", 2),
     (["--engines", "{E}", "--prompt", PROMPT, "--out", "missing/o.npy"], "does not exist; create it first", 2),
     (["--engines", "{E}", "--prompt", PROMPT, "--out", "o.npy", "--steps", "ten"], "--steps takes a whole number", 2),
-    (["--engines", "{E}", "--prompt", PROMPT, "--out", "o.npy", "--stats", "o.npy"], "name the same file", 2),
+    (["--engines", "{E}", "--prompt", PROMPT, "--out", "o.npy", "--save-frames", "o.npy"], "name the same file", 2),
     (["--engines", "{E}", "--prompt", PROMPT, "--out", "o.npy", "--steps", "0"], "steps must be a whole number", 1),
     (["--engines", "{E}", "--prompt", PROMPT, "--out", "o.npy", "--height", "30"], "height=30 is not divisible", 1),
     (["--engines", "{E}", "--prompt", PROMPT, "--out", "o.npy", "--policy", "none", "--warmup", "3"], "warmup", 1),
@@ -99,3 +100,14 @@ def test_the_example_host_generates_two_prompts_as_the_cli_does(cpp_build, latte
         want = np.load(ref)
         got = np.fromfile(tmp_path / f"video{i}.rgb", dtype=np.uint8).reshape(want.shape)
         assert np.array_equal(got, want)
+
+
+def test_the_overhead_benchmark_runs_both_runtimes_side_by_side(cpp_build, latte_aoti, tmp_path):
+    from tools import cpp_overhead
+
+    report = cpp_overhead.main(["--engines", str(latte_aoti), "--cli", str(cpp_build / "foresight-run-cpp"),
+                                "--steps", "3", "--repeats", "1", "--json", str(tmp_path / "o.json")])
+    assert {(r["runtime"], r["policy"]) for r in report["rows"]} == {(s, p) for s in ("python", "c++")
+                                                                   for p in ("none", "foresight")}
+    assert all(r["denoise_seconds"] > 0 and r["cli_seconds"] > r["total_seconds"] for r in report["rows"])
+    assert json.loads((tmp_path / "o.json").read_text())["steps"] == 3

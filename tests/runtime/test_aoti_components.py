@@ -9,7 +9,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from runtime import Runtime
 from runtime.errors import ConfigError
