@@ -35,6 +35,15 @@ int main(int argc, char** argv) {
     std::vector<char> out = torch::pickle_save(t.cpu());
     std::ofstream(path, std::ios::binary).write(out.data(), static_cast<std::streamsize>(out.size()));
   };
+  auto fill = [&](auto& req) {  // what a Request and a DenoiseRequest share
+    req.steps = number("steps", -1);
+    req.frames = number("frames", -1);
+    req.height = number("height", -1);
+    req.width = number("width", -1);
+    if (args.count("seed")) req.seed = std::stoull(args["seed"]);
+    if (args.count("guidance")) req.guidance = std::stod(args["guidance"]);
+    if (args.count("policy")) req.policy = nlohmann::json::parse(args["policy"]);
+  };
   try {
     auto rt = foresight::Runtime::load(args["engines"], args.count("device") ? args["device"] : "cpu");
     if (args.count("prompt")) {  // prompt to frames: Runtime::generate
@@ -44,13 +53,7 @@ int main(int argc, char** argv) {
         req.negative_prompt = args["negative-prompt"];
         req.default_negative = false;
       }
-      req.steps = number("steps", -1);
-      req.frames = number("frames", -1);
-      req.height = number("height", -1);
-      req.width = number("width", -1);
-      if (args.count("seed")) req.seed = std::stoull(args["seed"]);
-      if (args.count("guidance")) req.guidance = std::stod(args["guidance"]);
-      if (args.count("policy")) req.policy = nlohmann::json::parse(args["policy"]);
+      fill(req);
       foresight::Result res = rt.generate(req);
       save(res.latents, args["out"]);
       if (args.count("frames-out")) save(res.frames, args["frames-out"]);
@@ -68,14 +71,8 @@ int main(int argc, char** argv) {
     } else {
       for (const auto& item : text.toGenericDict()) req.inputs[item.key().toStringRef()] = item.value().toTensor();
     }
-    req.steps = number("steps", -1);
-    req.frames = number("frames", -1);
-    req.height = number("height", -1);
-    req.width = number("width", -1);
-    if (args.count("seed")) req.seed = std::stoull(args["seed"]);
-    if (args.count("guidance")) req.guidance = std::stod(args["guidance"]);
+    fill(req);
     if (args.count("guidance-2")) req.guidance_2 = std::stod(args["guidance-2"]);
-    if (args.count("policy")) req.policy = nlohmann::json::parse(args["policy"]);
     foresight::DenoiseResult res = rt.denoise(req);
     save(res.latents, args["out"]);
     if (args.count("trace")) std::ofstream(args["trace"]) << res.trace.dump();
