@@ -49,24 +49,42 @@ def check_compat(section: dict, device: torch.device, root) -> None:
                                f"has {here[key]} (compiled code runs only where it was built for); {fix}")
 
 
+def load_part(manifest, entry: dict, device: torch.device, io_check=None):
+    """A fresh instance of the program ``entry`` names (a part's or component's ``{program, weights}``) with
+    that entry's weights loaded; ``io_check(path, io)`` checks the package's ``foresight.io`` signature.
+    Refuses a package that does not load or weights that are not exactly its constants."""
+    import json
+
+    from safetensors.torch import load_file
+
+    path = manifest.path(manifest.aoti["programs"][entry["program"]]["file"])
+    try:
+        runner = load_program(path, device)
+        io = json.loads(runner.get_metadata().get("foresight.io", "null") or "null")
+    except (RuntimeError, ValueError) as exc:
+        raise BackendError(f"could not load the AOTInductor package {path} ({exc}); re-export with "
+                           f"`foresight-export --backend aoti --out {manifest.root} --overwrite`") from None
+    if not io:
+        raise BackendError(f"{path} is not a package foresight-export built (no I/O signature); re-export")
+    if io_check is not None:
+        io_check(path, io)
+    weights = load_file(str(manifest.path(entry["weights"])), device=str(device))
+    want = set(runner.get_constant_fqns())
+    if set(weights) != want:
+        raise BackendError(f"{entry['weights']} holds other weights than {path.name} takes "
+                           f"(missing {sorted(want - set(weights))[:3]}, extra "
+                           f"{sorted(set(weights) - want)[:3]}); re-export the engines folder")
+    runner.load_constants(weights, False, True, False, False)
+    return runner
+
+
 class CompiledComponent:
     """A compiled text encoder or VAE decoder (the manifest's ``aoti.components``), called with tensors."""
 
     def __init__(self, manifest, name: str, device: torch.device):
-        from safetensors.torch import load_file
-
-        section = manifest.aoti
-        check_compat(section, device, manifest.root)
-        entry = section["components"][name]
-        path = manifest.path(section["programs"][entry["program"]]["file"])
-        try:
-            self.runner = load_program(path, device)
-        except RuntimeError as exc:
-            raise BackendError(f"could not load the AOTInductor package {path} ({exc}); re-export with "
-                               f"`foresight-export --backend aoti --out {manifest.root} --overwrite`") from None
-        self.runner.load_constants(load_file(str(manifest.path(entry["weights"])), device=str(device)),
-                                   False, True, False, False)
-        self.name, self.entry = name, entry
+        check_compat(manifest.aoti, device, manifest.root)
+        self.name = name
+        self.runner = load_part(manifest, manifest.aoti["components"][name], device)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.runner.run(list(inputs))[0]

@@ -236,9 +236,7 @@ class AOTInductorBackend(Backend):
 
     def __init__(self, manifest: Manifest, device: torch.device, cuda_graphs: bool = False):
         super().__init__(manifest, device)
-        import json
-
-        from .aoti import check_compat, load_program
+        from .aoti import check_compat, load_part
 
         section = manifest.aoti
         if not section:
@@ -247,29 +245,13 @@ class AOTInductorBackend(Backend):
         if cuda_graphs and self.device.type != "cuda":
             raise BackendError("CUDA graphs need --device cuda")
         check_compat(section, self.device, manifest.root)
-        from safetensors.torch import load_file
-
         self.cuda_graphs = cuda_graphs
         self.runners = {}
         for part in manifest.all_parts:
-            entry = section["parts"][part.name]
-            path = manifest.path(section["programs"][entry["program"]]["file"])
-            try:
-                runner = load_program(path, self.device)
-                io = json.loads(runner.get_metadata().get("foresight.io", "null") or "null")
-            except (RuntimeError, ValueError) as exc:
-                raise BackendError(f"could not load the AOTInductor package {path} ({exc}); re-export with "
-                                   f"`foresight-export --backend aoti --out {manifest.root} --overwrite`") from None
-            if not io:
-                raise BackendError(f"{path} is not a package foresight-export built (no I/O signature); re-export")
-            check_io(part, path, [tuple(x) for x in io["inputs"]], [tuple(x) for x in io["outputs"]])
-            weights = load_file(str(manifest.path(entry["weights"])), device=str(self.device))
-            want = set(runner.get_constant_fqns())
-            if set(weights) != want:
-                raise BackendError(f"{entry['weights']} holds other weights than {path.name} takes "
-                                   f"(missing {sorted(want - set(weights))[:3]}, extra "
-                                   f"{sorted(set(weights) - want)[:3]}); re-export the engines folder")
-            runner.load_constants(weights, False, True, False, False)
+            def io_check(path, io, part=part):
+                check_io(part, path, [tuple(x) for x in io["inputs"]], [tuple(x) for x in io["outputs"]])
+
+            runner = load_part(manifest, section["parts"][part.name], self.device, io_check)
             self.runners[part.name] = runner
             self.loaded += 1
 
