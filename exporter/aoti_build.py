@@ -62,10 +62,14 @@ def require_compiler(device: str) -> None:
 
 def trace_dims(dims_spec: dict) -> dict:
     """Example sizes for ``torch.export``: every free dim distinct and >= 2 (equal sizes would be
-    unified into one symbol, size 1 specialised), as close to the opt size as the range allows."""
+    unified into one symbol, size 1 specialised), as close to the opt size as the range allows; a
+    dim of one size (min = max) is static at it."""
     dims = Dims.parse(dims_spec)
     used, values = set(), {}
     for sym, r in dims.ranges.items():
+        if r.min == r.max:  # static: its one size
+            values[sym] = r.min
+            continue
         candidates = [r.opt] + [v for k in range(1, r.max - r.min + 2) for v in (r.opt + k, r.opt - k)]
         value = next((v for v in candidates if r.min <= v <= r.max and v >= 2 and v not in used), None)
         if value is None:

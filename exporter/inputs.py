@@ -49,9 +49,10 @@ def dynamic_shapes(specs, dims_spec: dict):
 
     syms = {}
     for s, v in dims_spec.items():
-        if "of" not in v:
+        if "of" not in v and v["min"] < v["max"]:  # a symbol of one size is static
             syms[s] = Dim(s, min=v["min"], max=v["max"])
     for s, v in dims_spec.items():
-        if "of" in v:  # patch size 1: the same dimension (torch.export refuses 1 * h next to h)
+        if "of" in v and v["of"] in syms:  # patch size 1: the same dimension (torch.export refuses 1 * h next to h)
             syms[s] = syms[v["of"]] if v["times"] == 1 else v["times"] * syms[v["of"]]
-    return {spec.name: {i: syms[d] for i, d in enumerate(spec.shape) if isinstance(d, str)} for spec in specs}
+    return {spec.name: {i: syms[d] for i, d in enumerate(spec.shape) if isinstance(d, str) and d in syms}
+            for spec in specs}

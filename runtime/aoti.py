@@ -84,34 +84,63 @@ class CompiledComponent:
     def __init__(self, manifest, name: str, device: torch.device):
         check_compat(manifest.aoti, device, manifest.root)
         self.name = name
-        self.runner = load_part(manifest, manifest.aoti["components"][name], device)
+        self.entry = manifest.aoti["components"][name]
+        self.runner = load_part(manifest, self.entry, device)
 
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.runner.run(list(inputs))[0]
 
 
 class CompiledTextEncoder:
-    """Called as a transformers encoder is: ``encoder(input_ids, attention_mask=mask)[0]``."""
+    """Called as a transformers encoder is: ``encoder(input_ids, attention_mask=mask)`` gives an output
+    with ``[0]`` and ``.last_hidden_state``."""
 
     def __init__(self, component: CompiledComponent):
         self.component = component
 
     def __call__(self, input_ids, attention_mask=None):
+        from transformers.modeling_outputs import BaseModelOutput
+
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        return (self.component(input_ids, attention_mask),)
+        return BaseModelOutput(last_hidden_state=self.component(input_ids, attention_mask))
 
 
 class CompiledVaeDecoder:
     """Stands in for the diffusers VAE where the pipeline decodes: ``vae.decode(z).sample``; anything
-    else (its config) is the eager VAE's."""
+    else (its config) is the eager VAE's. A video VAE's decoder is compiled for one latent frame count
+    (the default video's): other latents are refused with a ShapeError saying what to do."""
 
     def __init__(self, component: CompiledComponent, vae):
         self.component, self.eager = component, vae
 
+    def check(self, latents: torch.Tensor) -> None:
+        """Latents ``(B, C, F, h, w)`` of a video decoder: F must be the one it was compiled for."""
+        from .errors import ShapeError
+
+        entry = self.component.entry
+        shape = entry["inputs"][0]["shape"]
+        if len(shape) == 5 and latents.shape[2] != shape[2]:
+            frames = entry["outputs"][0]["shape"][2]
+            raise ShapeError(f"the compiled VAE decoder decodes {shape[2]} latent frames ({frames} frames, the default "
+                             f"video), not {latents.shape[2]}: pass --frames {frames}, or run without "
+                             f"--compiled-components")
+
+    def check_frames(self, frames: int) -> None:
+        """Refuse (before denoising) a video of another frame count than the video decoder makes."""
+        from .errors import ShapeError
+
+        entry = self.component.entry
+        if len(entry["inputs"][0]["shape"]) == 5 and frames != entry["outputs"][0]["shape"][2]:
+            want = entry["outputs"][0]["shape"][2]
+            raise ShapeError(f"frames={frames}: the compiled VAE decoder makes {want} frames (the default video's; "
+                             f"foresight-export compiles it for one frame count): pass --frames {want}, or run "
+                             f"without --compiled-components")
+
     def decode(self, latents, return_dict=True):
         from types import SimpleNamespace
 
+        self.check(latents)
         images = self.component(latents.contiguous())
         return SimpleNamespace(sample=images) if return_dict else (images,)
 

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="decode in spatial tiles (diffusers' enable_tiling): bounded memory for large or long videos")
     ap.add_argument("--compiled-components", action="store_true",
                     help="encode the prompt and decode the video with the folder's AOTInductor text encoder and VAE "
-                    "decoder (foresight-export --backend aoti compiles them for Latte), as foresight-run-cpp does")
+                    "decoder (foresight-export --backend aoti compiles them; a video VAE's for the default frame "
+                    "count), as foresight-run-cpp does")
     ap.add_argument("--stats", type=Path, default=None, help="write stats and the decision trace as JSON")
     ap.add_argument("--heatmap", type=Path, default=None, help="write a PNG of computed vs reused layers per step")
     ap.add_argument("--save-frames", type=Path, default=None, help="also save the uint8 frames as .npy")

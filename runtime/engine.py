@@ -187,6 +187,8 @@ class Runtime:
     def _generate(self, req: dict, controller: Controller, progress: bool, decode: bool,
                   t_start: float, on_step=None) -> GenerationResult:
         self.parts.latent_frames(req["frames"])  # the VAE's frame rule, naming the nearest valid counts
+        if decode:
+            self.parts.check_decodable(req["frames"])
         prompt, seed, config = req["prompt"], req["seed"], controller.config
         frames, height, width, steps = req["frames"], req["height"], req["width"], req["steps"]
         guidance_scale, negative_prompt = req["guidance_scale"], req["negative_prompt"]

@@ -10,8 +10,10 @@
 #include <ATen/Version.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
+#include <cctype>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -261,18 +263,28 @@ Runtime Runtime::load(const std::string& folder, const std::string& device_name,
   const json components = aoti.value("components", json::object());
   if (!components.contains("text_encoder") || !components.contains("vae_decoder")) {
     rt.no_generate_ = rt.manifest_.root + " has no compiled text encoder and VAE decoder (foresight-export --backend "
-                      "aoti writes them for pipeline type latte; this folder's is " +
-                      rt.manifest_.pipeline().at("type").get<std::string>() + "): encode the prompt in Python and "
-                      "call denoise(), or run foresight-run --backend aoti";
+                      "aoti writes them): encode the prompt in Python and call denoise(), or run foresight-run "
+                      "--backend aoti";
     return rt;
   }
   rt.text_encoder_ = executor(components["text_encoder"], {"input_ids", "attention_mask"}, "the text encoder");
   rt.vae_decoder_ = executor(components["vae_decoder"], {"latents"}, "the VAE decoder");
-  const std::string component_dir = rt.manifest_.data.at("components").at("vae").get<std::string>();
+  const json& latents_shape = components["vae_decoder"].at("inputs").at(0).at("shape");
+  if (latents_shape.size() == 5 && latents_shape[2].is_number_integer()) {  // a video VAE: one frame count
+    rt.vae_latent_frames_ = latents_shape[2].get<int64_t>();
+    rt.vae_frames_ = components["vae_decoder"].at("outputs").at(0).at("shape").at(2).get<int64_t>();
+  }
+  const json& names = rt.manifest_.data.at("components");
+  const std::string component_dir = names.at("vae").get<std::string>();
   rt.vae_scaling_ = json::parse(read_file(rt.manifest_.path(component_dir + "/config.json"))).value("scaling_factor", 1.0);
+  if (names.contains("null_caption")) {  // Open-Sora: what the unconditional row is encoded as
+    auto null = load_safetensors(rt.manifest_.path(names.at("null_caption").get<std::string>()), device);
+    if (!null.count("y_embedding")) throw ManifestError(rt.manifest_.root + ": the null caption file has no y_embedding");
+    rt.null_caption_ = null.at("y_embedding");
+  }
   try {
     rt.tokenizer_ = std::make_shared<Tokenizer>(Tokenizer::load(rt.manifest_.path(
-        rt.manifest_.data.at("components").at("tokenizer").get<std::string>() + "/tokenizer.json")));
+        names.at("tokenizer").get<std::string>() + "/tokenizer.json")));
   } catch (const TokenizerError& e) {
     rt.no_generate_ = e.what();
   }
@@ -280,6 +292,7 @@ Runtime Runtime::load(const std::string& folder, const std::string& device_name,
 }
 
 long Runtime::engine_calls(const std::string& part) const {
+  std::lock_guard<std::mutex> guard(*lock_);
   auto it = calls_.find(part);
   return it == calls_.end() ? 0 : it->second;
 }
@@ -829,6 +842,11 @@ int shape_value(const json& shapes, const char* name, int value) {  // runtime/e
 }  // namespace
 
 DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
+  std::lock_guard<std::mutex> guard(*lock_);
+  return denoise_unlocked(req);
+}
+
+DenoiseResult Runtime::denoise_unlocked(const DenoiseRequest& req) {
   torch::NoGradGuard no_grad;
   const json& p = manifest_.pipeline();
   const std::string type = p.at("type");
@@ -1066,12 +1084,14 @@ DenoiseResult Runtime::denoise(const DenoiseRequest& req) {
 // ------------------------------------------------------------------------------------ prompt to frames
 namespace {
 
-// Python's str.strip() on ASCII: the characters str.isspace() is true for.
+// The ASCII characters Python's str.isspace() (and a regex's \s) is true for.
+bool is_space(unsigned char c) { return c == ' ' || (c >= '\t' && c <= '\r') || (c >= 0x1c && c <= 0x1f); }
+
+// Python's str.strip() on ASCII.
 std::string py_strip(const std::string& text) {
-  auto space = [](unsigned char c) { return c == ' ' || (c >= '\t' && c <= '\r') || (c >= 0x1c && c <= 0x1f); };
   size_t a = 0, b = text.size();
-  while (a < b && space(text[a])) ++a;
-  while (b > a && space(text[b - 1])) --b;
+  while (a < b && is_space(text[a])) ++a;
+  while (b > a && is_space(text[b - 1])) --b;
   return text.substr(a, b - a);
 }
 
@@ -1085,62 +1105,177 @@ std::string ascii_lower(std::string text) {
 
 void Runtime::check_generate() const {
   if (!no_generate_.empty()) throw ConfigError(no_generate_);
-  if (manifest_.pipeline().at("type") != "latte")
-    throw ConfigError("Runtime::generate runs pipeline type latte; this folder's is " +
-                      manifest_.pipeline().at("type").get<std::string>() + ": encode the prompt in Python and call "
-                      "denoise(), or run foresight-run --backend aoti");
 }
 
-// LattePipelineParts.encode_prompt: lower-cased and stripped, padded to max_text_length with its mask,
-// encoded, cut to the prompt's tokens (the negative prompt to the same count), negative row first.
-at::Tensor Runtime::encode_prompt(const std::string& prompt, const std::string& negative_prompt, bool guidance) {
+namespace {
+
+// WanPipeline's prompt_clean on ASCII text: runs of whitespace to one space, stripped. Its HTML
+// unescaping and ftfy's control-character removal are not ported: prompts they would change are refused.
+std::string wan_clean(const std::string& text) {
+  for (size_t i = 0; i < text.size(); ++i) {
+    const unsigned char c = text[i];
+    if (c == '&' && i + 1 < text.size() && (std::isalnum(static_cast<unsigned char>(text[i + 1])) || text[i + 1] == '#'))
+      throw ConfigError("the prompt has an HTML entity (" + text.substr(i, 8) + "...), which WanPipeline unescapes and "
+                        "the C++ runtime does not: write the character itself or put a space after '&'");
+    if ((c < 0x20 && c != '\t' && c != '\n' && c != '\r' && c != '\f') || c == 0x7f)
+      throw ConfigError("the prompt has control characters, which WanPipeline's ftfy cleaning removes and the C++ "
+                        "runtime does not: remove them");
+  }
+  std::string out;
+  for (unsigned char c : text) {
+    if (is_space(c)) {
+      if (!out.empty() && out.back() != ' ') out += ' ';
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  if (!out.empty() && out.back() == ' ') out.pop_back();
+  return out;
+}
+
+// diffusers' VideoProcessor.postprocess_video(output_type="np") and the runtime's rounding:
+// (1, 3, F, H, W) in [-1, 1] -> uint8 (F, H, W, 3) on the CPU.
+at::Tensor video_frames(const at::Tensor& video) {
+  at::Tensor frames = video[0].permute({1, 0, 2, 3}).to(torch::kFloat32);  // (F, 3, H, W)
+  frames = (frames * 0.5 + 0.5).clamp(0, 1).cpu().permute({0, 2, 3, 1});  // (F, H, W, 3) in [0, 1]
+  return (frames * 255).round().to(torch::kUInt8).contiguous();
+}
+
+}  // namespace
+
+std::map<std::string, at::Tensor> Runtime::encode_prompt(const std::string& prompt, const std::string& negative_prompt,
+                                                         bool guidance) {
+  std::lock_guard<std::mutex> guard(*lock_);
+  return encode_unlocked(prompt, negative_prompt, guidance);
+}
+
+// Each pipeline's encode_prompt (runtime/pipelines/*.py): the text cleaned as it cleans it, padded to
+// max_text_length, encoded; negative row first, but Open-Sora's [conditional, null caption].
+std::map<std::string, at::Tensor> Runtime::encode_unlocked(const std::string& prompt,
+                                                           const std::string& negative_prompt, bool guidance) {
   check_generate();
   torch::NoGradGuard no_grad;
   const json& p = manifest_.pipeline();
+  const std::string type = p.at("type");
   const int max_length = p.at("max_text_length");
-  auto encode = [&](const std::string& text, int64_t* tokens) {
-    const Encoding enc = tokenizer_->encode(ascii_lower(py_strip(text)), max_length);
+  // (1, max_length, C) and the mask (1, max_length) of one text; `mask` false: encoded as if unmasked.
+  auto encode = [&](const std::string& text, bool mask_it) {
+    const Encoding enc = tokenizer_->encode(text, max_length);
     if (enc.truncated) std::cerr << "warning: the prompt was truncated to " << max_length << " tokens\n";
     auto opts = torch::TensorOptions().dtype(torch::kInt64);
     at::Tensor ids = torch::tensor(enc.ids, opts).view({1, max_length}).to(device_);
     at::Tensor mask = torch::tensor(enc.mask, opts).view({1, max_length}).to(device_);
-    if (tokens) *tokens = mask.sum().item<int64_t>();
-    return text_encoder_->loader->run({ids, mask}).at(0);
+    at::Tensor embeds = text_encoder_->loader->run({ids, mask_it ? mask : torch::ones_like(mask)}).at(0);
+    return std::make_pair(embeds, mask);
   };
-  int64_t tokens = 0;
-  at::Tensor embeds = encode(prompt, &tokens);
-  const int64_t keep = p.value("mask_text", true) ? tokens : embeds.size(1);
-  embeds = embeds.slice(1, 0, keep);
-  if (guidance) embeds = torch::cat({encode(negative_prompt, nullptr).slice(1, 0, keep), embeds}, 0);
-  return embeds;
+  if (type == "latte") {  // lower-cased and stripped; cut to the prompt's tokens, the negative to as many
+    auto [embeds, mask] = encode(ascii_lower(py_strip(prompt)), true);
+    const int64_t keep = p.value("mask_text", true) ? mask.sum().item<int64_t>() : embeds.size(1);
+    embeds = embeds.slice(1, 0, keep);
+    if (guidance)
+      embeds = torch::cat({encode(ascii_lower(py_strip(negative_prompt)), true).first.slice(1, 0, keep), embeds}, 0);
+    return {{"encoder_hidden_states", embeds}};
+  }
+  if (type == "cogvideox") {  // the raw text at the full length, encoded without a mask
+    at::Tensor embeds = encode(prompt, false).first;
+    if (guidance) embeds = torch::cat({encode(negative_prompt, false).first, embeds}, 0);
+    return {{"encoder_hidden_states", embeds}};
+  }
+  if (type == "wan") {  // cleaned; the prompt's tokens kept, the rest of the length zeros
+    auto embed = [&](const std::string& text) {
+      auto [embeds, mask] = encode(wan_clean(text), true);
+      const int64_t length = mask.gt(0).sum().item<int64_t>();
+      at::Tensor row = embeds[0];
+      return torch::cat({row.slice(0, 0, length), row.new_zeros({max_length - length, row.size(1)})}).unsqueeze(0);
+    };
+    at::Tensor embeds = embed(prompt);
+    if (guidance) embeds = torch::cat({embed(negative_prompt), embeds}, 0);
+    return {{"encoder_hidden_states", embeds}};
+  }
+  if (type == "opensora") {  // the aesthetic-score suffix; guidance against the learned null caption
+    if (!negative_prompt.empty())
+      throw ShapeError("Open-Sora 1.2 guides against its learned null caption: --negative-prompt is not supported "
+                       "for this model");
+    std::string text = prompt;
+    const json score = p.value("aesthetic_score", json());
+    if (!score.is_null() && prompt.find("aesthetic score:") == std::string::npos) {
+      char suffix[64];
+      std::snprintf(suffix, sizeof suffix, " aesthetic score: %.1f.", score.get<double>());
+      text += suffix;
+    }
+    auto [embeds, mask] = encode(text, true);
+    at::Tensor fmask = mask.to(torch::kFloat32);
+    if (!guidance) return {{"caption", embeds}, {"caption_mask", fmask}};
+    at::Tensor null = null_caption_.slice(0, 0, embeds.size(1)).unsqueeze(0).to(embeds.scalar_type());
+    return {{"caption", torch::cat({embeds, null})}, {"caption_mask", torch::cat({fmask, fmask})}};
+  }
+  throw ConfigError("Runtime::generate does not run the " + type + " pipeline: run foresight-run --backend aoti");
 }
 
-// LattePipelineParts.decode: 1/s * latents, frames first, decoded decode_chunk_size frames at a time,
-// then diffusers' VideoProcessor postprocessing and the runtime's rounding to uint8.
 at::Tensor Runtime::decode(const at::Tensor& latents) {
+  std::lock_guard<std::mutex> guard(*lock_);
+  return decode_unlocked(latents);
+}
+
+// Each pipeline's decode: its latent scaling, the compiled VAE decoder, its conversion to uint8.
+at::Tensor Runtime::decode_unlocked(const at::Tensor& latents) {
   check_generate();
   torch::NoGradGuard no_grad;
-  const int64_t n = latents.size(2);
-  at::Tensor x = (1 / vae_scaling_ * latents.permute({0, 2, 1, 3, 4}).flatten(0, 1)).contiguous();
-  const int64_t chunk = manifest_.pipeline().value("decode_chunk_size", 14);
-  std::vector<at::Tensor> pieces;
-  for (int64_t i = 0; i < x.size(0); i += chunk)
-    pieces.push_back(vae_decoder_->loader->run({x.slice(0, i, std::min(i + chunk, x.size(0))).contiguous()}).at(0));
-  at::Tensor video = torch::cat(pieces);
-  video = video.reshape({-1, n, video.size(1), video.size(2), video.size(3)}).permute({0, 2, 1, 3, 4});
-  at::Tensor frames = video[0].permute({1, 0, 2, 3}).to(torch::kFloat32);    // (F, 3, H, W)
-  frames = (frames * 0.5 + 0.5).clamp(0, 1).cpu().permute({0, 2, 3, 1});   // (F, H, W, 3) in [0, 1]
-  return (frames * 255).round().to(torch::kUInt8).contiguous();
+  const json& p = manifest_.pipeline();
+  const std::string type = p.at("type");
+  if (type == "latte") {  // 1/s * latents, frames first, decoded decode_chunk_size frames at a time
+    const int64_t n = latents.size(2);
+    at::Tensor x = (1 / vae_scaling_ * latents.permute({0, 2, 1, 3, 4}).flatten(0, 1)).contiguous();
+    const int64_t chunk = p.value("decode_chunk_size", 14);
+    std::vector<at::Tensor> pieces;
+    for (int64_t i = 0; i < x.size(0); i += chunk)
+      pieces.push_back(vae_decoder_->loader->run({x.slice(0, i, std::min(i + chunk, x.size(0))).contiguous()}).at(0));
+    at::Tensor video = torch::cat(pieces);
+    video = video.reshape({-1, n, video.size(1), video.size(2), video.size(3)}).permute({0, 2, 1, 3, 4});
+    return video_frames(video);
+  }
+  const int64_t frame_axis = type == "cogvideox" ? 1 : 2;
+  if (vae_latent_frames_ > 0 && latents.size(frame_axis) != vae_latent_frames_)
+    throw ShapeError("the compiled VAE decoder decodes " + std::to_string(vae_latent_frames_) + " latent frames (" +
+                     std::to_string(vae_frames_) + " frames, the default video), not " +
+                     std::to_string(latents.size(frame_axis)));
+  auto run = [&](const at::Tensor& x) { return vae_decoder_->loader->run({x.contiguous()}).at(0); };
+  if (type == "cogvideox")  // 1/s * latents, channels before frames
+    return video_frames(run(1 / vae_scaling_ * latents.permute({0, 2, 1, 3, 4})));
+  if (type == "wan") {  // de-normalised with the VAE's per-channel mean and std
+    const int64_t z = latents.size(1);
+    const auto opts = torch::TensorOptions().dtype(torch::kFloat32);
+    at::Tensor mean = torch::tensor(p.at("latents_mean").get<std::vector<double>>(), opts).view({1, z, 1, 1, 1});
+    at::Tensor inv_std = 1.0 / torch::tensor(p.at("latents_std").get<std::vector<double>>(), opts).view({1, z, 1, 1, 1});
+    at::Tensor x = latents.to(torch::kFloat32);
+    return video_frames(run(x / inv_std.to(x.device()) + mean.to(x.device())));
+  }
+  if (type == "opensora") {  // the release's save_sample: clamp, to [0, 1], * 255 + 0.5, truncated
+    at::Tensor x = run(latents.to(torch::kFloat32))[0].to(torch::kFloat32).clamp(-1, 1);
+    x = (x + 1) / 2;
+    x = x.mul(255).add(0.5).clamp(0, 255).permute({1, 2, 3, 0});
+    return x.to(torch::kUInt8).cpu().contiguous();
+  }
+  throw ConfigError("Runtime::generate does not run the " + type + " pipeline: run foresight-run --backend aoti");
 }
 
 Result Runtime::generate(const Request& req) {
   using clock = std::chrono::steady_clock;
+  std::lock_guard<std::mutex> guard(*lock_);
   const auto t0 = clock::now();
   auto seconds = [](clock::time_point a, clock::time_point b) { return std::chrono::duration<double>(b - a).count(); };
   check_generate();
   const json& p = manifest_.pipeline();
   const double guidance = req.guidance < 0 ? p.at("default_guidance").get<double>() : req.guidance;
-  const std::string negative = req.default_negative ? p.value("default_negative_prompt", "") : req.negative_prompt;
+  const json default_negative = p.value("default_negative_prompt", json());
+  const std::string negative = !req.default_negative ? req.negative_prompt
+                               : default_negative.is_string() ? default_negative.get<std::string>() : "";
+  const int frames = req.frames < 0 ? manifest_.data.at("shapes").at("frames").at("default").get<int>() : req.frames;
+  if (vae_frames_ > 0 && frames != vae_frames_)
+    throw ShapeError("frames=" + std::to_string(frames) + ": the compiled VAE decoder makes " +
+                     std::to_string(vae_frames_) + " frames (the default video's; foresight-export compiles it for "
+                     "one frame count): pass --frames " + std::to_string(vae_frames_) + ", or call denoise() and "
+                     "decode the latents yourself");
   DenoiseRequest d;
   d.frames = req.frames;
   d.height = req.height;
@@ -1149,16 +1284,16 @@ Result Runtime::generate(const Request& req) {
   d.guidance = guidance;
   d.seed = req.seed;
   d.policy = req.policy;
-  d.text = encode_prompt(req.prompt, negative, guidance > 1.0);
+  d.inputs = encode_unlocked(req.prompt, negative, guidance > 1.0);
   const auto t1 = clock::now();
-  DenoiseResult r = denoise(d);
+  DenoiseResult r = denoise_unlocked(d);
   const auto t2 = clock::now();
-  at::Tensor frames = decode(r.latents);
+  at::Tensor frames_out = decode_unlocked(r.latents);
   const auto t3 = clock::now();
   r.stats["text_encode_seconds"] = seconds(t0, t1);
   r.stats["decode_seconds"] = seconds(t2, t3);
   r.stats["total_seconds"] = seconds(t0, t3);
-  return Result{frames, r.latents, std::move(r.trace), std::move(r.stats)};
+  return Result{frames_out, r.latents, std::move(r.trace), std::move(r.stats)};
 }
 
 }  // namespace foresight

@@ -164,6 +164,19 @@ class CogVideoXFamily(Family):
             "fps": 8,
         }
 
+    def compiled_components(self, loaded, pipeline: dict, dims_spec: dict) -> list:
+        """The T5 encoder at the padded length (called with an all-ones mask: the pipeline passes none),
+        and AutoencoderKLCogVideoX's decoder for the default video's latent frames, on latents the
+        runtime has scaled and put channels first."""
+        from ..components import VaeDecoderPart, text_encoder, video_decoder
+
+        ratio = pipeline["vae_scale_factor_temporal"]
+        latent = latent_frames(pipeline["default_frames"], ratio)
+        frames = ratio * (latent - 1) + 1 if latent % 2 else ratio * latent  # the VAE's frame rule
+        decoder = video_decoder(VaeDecoderPart(loaded.components["vae"]), pipeline["latent_channels"], latent,
+                                frames, dims_spec, pipeline["patch_size"], pipeline["vae_scale_factor"])
+        return [text_encoder(loaded.components["text_encoder"], pipeline["max_text_length"]), decoder]
+
     def foresight_defaults(self) -> dict:
         # The reference implementation's evaluation settings; to be re-picked per model by sweep.
         return {"warmup": 8, "recalculate": 2, "threshold": 0.5}

@@ -102,15 +102,9 @@ class LatteFamily(Family):
         }
 
     def compiled_components(self, loaded, pipeline: dict, dims_spec: dict) -> list:
-        from ..components import TextEncoderPart, VaeDecoderPart, scaled_range
+        from ..components import VaeDecoderPart, scaled_range, text_encoder
 
         encoder, vae = loaded.components["text_encoder"], loaded.components["vae"]
-        vocab = int(encoder.config.vocab_size)
-        text = PartSpec("text_encoder", TextEncoderPart(encoder).float().eval(),
-                        inputs=[IOSpec("input_ids", ["B", MAX_TEXT_LENGTH], "int64", 0, vocab - 1, fixed_dtype=True),
-                                IOSpec("attention_mask", ["B", MAX_TEXT_LENGTH], "int64", 0, 2, fixed_dtype=True)],
-                        outputs=[IOSpec("embeddings", ["B", MAX_TEXT_LENGTH, int(encoder.config.d_model)],
-                                        fixed_dtype=True)])
         # Per-frame 2D decoding in chunks of decode_chunk_size frames, at every latent size the layers take.
         patch, scale = pipeline["patch_size"], pipeline["vae_scale_factor"]
         chunk = pipeline["decode_chunk_size"]
@@ -120,7 +114,7 @@ class LatteFamily(Family):
                            outputs=[IOSpec("images", ["B", 3, "Y", "X"], fixed_dtype=True)])
         vae_dims = {"B": {"min": 1, "opt": min(chunk, dims_spec["F"]["opt"]), "max": chunk}, "h": latent_h,
                     "w": latent_w, "Y": {"of": "h", "times": scale}, "X": {"of": "w", "times": scale}}
-        return [(text, {"B": {"min": 1, "opt": 1, "max": 2}}), (decoder, vae_dims)]
+        return [text_encoder(encoder, MAX_TEXT_LENGTH), (decoder, vae_dims)]
 
     def foresight_defaults(self) -> dict:
         # The reference implementation's evaluation settings; to be re-picked per model by sweep.

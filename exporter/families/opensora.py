@@ -185,6 +185,24 @@ class OpenSoraFamily(Family):
             "fps": DEFAULT_FPS,
         }
 
+    def compiled_components(self, loaded, pipeline: dict, dims_spec: dict) -> list:
+        """The T5 encoder at the caption length, and the VAE's decoder (temporal, then per-frame
+        spatial) for the default video: its latent frames in, ``default_frames`` frames out."""
+        import transformers
+
+        from dit.opensora_vae import load_opensora_vae
+
+        from ..components import FramesVaeDecoderPart, text_encoder, video_decoder
+
+        frames = pipeline["default_frames"]
+        vae = load_opensora_vae(loaded.components["vae"].folder)
+        encoder = transformers.T5EncoderModel.from_pretrained(loaded.components["text_encoder"].folder,
+                                                              local_files_only=True)
+        decoder = video_decoder(FramesVaeDecoderPart(vae, frames), pipeline["latent_channels"],
+                                vae.latent_frames(frames), frames, dims_spec, pipeline["patch_size"],
+                                pipeline["vae_scale_factor"])
+        return [text_encoder(encoder, pipeline["max_text_length"]), decoder]
+
     def write_extras(self, model, folder: Path) -> dict:
         """The CFG null caption (the transformer's ``y_embedding``): the runtime feeds it to the
         unconditional half of the batch and never sees the transformer's weights."""

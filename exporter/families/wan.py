@@ -185,6 +185,18 @@ class WanFamily(Family):
             "fps": 16,
         }
 
+    def compiled_components(self, loaded, pipeline: dict, dims_spec: dict) -> list:
+        """The UMT5 encoder at the padded length, and AutoencoderKLWan's decoder for the default video's
+        latent frames (on latents the runtime has de-normalised)."""
+        from ..components import VaeDecoderPart, text_encoder, video_decoder
+
+        ratio = pipeline["vae_scale_factor_temporal"]
+        latent = (pipeline["default_frames"] - 1) // ratio + 1
+        decoder = video_decoder(VaeDecoderPart(loaded.components["vae"]), pipeline["latent_channels"], latent,
+                                1 + ratio * (latent - 1), dims_spec, pipeline["patch_size"],
+                                pipeline["vae_scale_factor"])
+        return [text_encoder(loaded.components["text_encoder"], pipeline["max_text_length"]), decoder]
+
     def foresight_defaults(self) -> dict:
         # The reference implementation's evaluation settings; to be re-picked per model by sweep.
         return {"warmup": 8, "recalculate": 2, "threshold": 0.5}

@@ -139,15 +139,28 @@ class PipelineParts:
     def use_compiled_components(self, manifest: Manifest, device: torch.device) -> None:
         """Encode prompts and decode latents with the folder's compiled text encoder and VAE decoder
         (``aoti.components``: what the C++ runtime runs) instead of the eager modules."""
-        from ..aoti import CompiledComponent, CompiledTextEncoder, CompiledVaeDecoder
+        from ..aoti import CompiledComponent, CompiledTextEncoder
         from ..errors import ConfigError
 
         found = (manifest.aoti or {}).get("components", {})
         if set(found) != {"text_encoder", "vae_decoder"}:
             raise ConfigError(f"{manifest.root} has no compiled text encoder and VAE decoder: export it with "
-                              f"`foresight-export --backend aoti` (they are compiled for pipeline type latte)")
+                              f"`foresight-export --backend aoti`")
         self.text_encoder = CompiledTextEncoder(CompiledComponent(manifest, "text_encoder", device))
-        self.vae = CompiledVaeDecoder(CompiledComponent(manifest, "vae_decoder", device), self.vae)
+        self.vae = self.compiled_vae(CompiledComponent(manifest, "vae_decoder", device))
+
+    def compiled_vae(self, component):
+        """The VAE as the pipeline calls it, decoding with the compiled ``component``."""
+        from ..aoti import CompiledVaeDecoder
+
+        return CompiledVaeDecoder(component, self.vae)
+
+    def check_decodable(self, frames: int) -> None:
+        """Refuse, before denoising, a frame count the VAE cannot decode here (a compiled video decoder's
+        is its one frame count)."""
+        check = getattr(self.vae, "check_frames", None)
+        if check is not None:
+            check(frames)
 
     def enable_vae_tiling(self) -> None:
         """Decode in overlapping spatial tiles (and the VAE's own frame batches): bounded memory

@@ -7,6 +7,7 @@ import json
 
 import torch
 
+from ..aoti import CompiledVaeDecoder
 from ..errors import ShapeError
 from ..manifest import Manifest
 from .base import PipelineParts, Sampler, component_errors
@@ -73,6 +74,9 @@ class OpenSoraPipelineParts(PipelineParts):
         raise ShapeError("--vae-tiling is not available for Open-Sora: its VAE already decodes 17-frame chunks, "
                          "frame by frame in the spatial stage")
 
+    def compiled_vae(self, component):
+        return CompiledOpenSoraVae(component, self.vae)
+
     def latent_frames(self, frames: int) -> int:
         if frames < self.config["micro_frame_size"]:
             raise ShapeError(f"frames={frames}: Open-Sora 1.2 makes videos of at least {self.config['micro_frame_size']} "
@@ -124,3 +128,15 @@ class OpenSoraPipelineParts(PipelineParts):
         from dit.opensora_pipeline import to_frames
 
         return to_frames(self.vae.decode(latents.float(), frames))
+
+
+class CompiledOpenSoraVae(CompiledVaeDecoder):
+    """``vae.decode(latents, num_frames)`` with the compiled decoder, built for the default video's frames."""
+
+    def decode(self, latents, num_frames):
+        self.check(latents)
+        want = self.component.entry["outputs"][0]["shape"][2]
+        if num_frames != want:
+            raise ShapeError(f"the compiled VAE decoder makes {want} frames (the default video), not {num_frames}: "
+                             f"pass --frames {want}, or run without --compiled-components")
+        return self.component(latents.contiguous())

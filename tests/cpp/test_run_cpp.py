@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from runtime.cli import main as run_main
+from tests.cpp.test_runtime import without_components
 
 PROMPT = "a red square moving left on a gray background"
 
@@ -21,6 +22,12 @@ PROMPT = "a red square moving left on a gray background"
 @pytest.fixture(scope="module")
 def latte_aoti(preset_engines):
     return preset_engines("latte", "tiny", backend="aoti")
+
+
+@pytest.fixture(scope="module")
+def bare_aoti(latte_aoti, tmp_path_factory):
+    """The Latte folder without its compiled text encoder and VAE decoder."""
+    return without_components(latte_aoti, tmp_path_factory.mktemp("bare") / "engines")
 
 
 def run_cpp(cpp_build, *args, env=None):
@@ -67,11 +74,10 @@ def test_frames_decisions_and_mp4_equal_foresight_run(cpp_build, latte_aoti, tmp
     (["--engines", "{C}", "--prompt", PROMPT, "--out", "o.npy"], "has no compiled text encoder and VAE decoder", 1),
     (["--engines", "{E}", "--prompt", PROMPT, "--out", "o.mp4"], "writing .mp4 needs an ffmpeg executable", 2),
 ], ids=lambda v: v if isinstance(v, str) and len(v) < 40 else None)
-def test_bad_input_is_refused_with_nothing_written(cpp_build, latte_aoti, aoti_engines_dir, tmp_path, args, message,
-                                                   code):
+def test_bad_input_is_refused_with_nothing_written(cpp_build, latte_aoti, bare_aoti, tmp_path, args, message, code):
     work = tmp_path / "work"
     work.mkdir()
-    args = [a.replace("{E}", str(latte_aoti)).replace("{C}", str(aoti_engines_dir)) for a in args]
+    args = [a.replace("{E}", str(latte_aoti)).replace("{C}", str(bare_aoti)) for a in args]
     env = {k: v for k, v in os.environ.items() if k != "FORESIGHT_FFMPEG"}
     env["PATH"] = "/nonexistent"  # no ffmpeg to find
     done = subprocess.run([str(cpp_build / "foresight-run-cpp"), *args], capture_output=True, text=True, timeout=300,

@@ -150,11 +150,74 @@ def test_cpp_generate_makes_the_python_runtimes_frames(cpp_build, latte_aoti, co
     assert frames.dtype == torch.uint8 and torch.equal(frames, torch.from_numpy(ref.frames))
 
 
-def test_cpp_generate_refusals(cpp_build, latte_aoti, aoti_engines_dir, tmp_path):
+def without_components(folder, dest):
+    """``folder`` copied with its manifest's compiled text encoder and VAE decoder taken out."""
+    shutil.copytree(folder, dest, symlinks=True)
+    edit_manifest(dest, lambda d: d["aoti"].pop("components"))
+    return dest
+
+
+def test_cpp_generate_refusals(cpp_build, latte_aoti, tmp_path):
     done, *_ = run_generate(cpp_build, latte_aoti, tmp_path, "a red caf\u00e9 square", steps=2)
     assert done.returncode == 1 and "error: the prompt has non-ASCII characters" in done.stderr, done.stderr
-    done, *_ = run_generate(cpp_build, aoti_engines_dir, tmp_path, "a red square", steps=2)  # CogVideoX: none yet
+    bare = without_components(latte_aoti, tmp_path / "bare")
+    done, *_ = run_generate(cpp_build, bare, tmp_path, "a red square", steps=2)
     assert done.returncode == 1 and "has no compiled text encoder and VAE decoder" in done.stderr, done.stderr
+    assert not (tmp_path / "frames.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def pipeline_folders(preset_engines, aoti_engines_dir):
+    """Every other pipeline's AOTI folder with its compiled text encoder and video VAE decoder."""
+    return {"cogvideox": aoti_engines_dir, "opensora": preset_engines("opensora", "tiny", backend="aoti"),
+            "wan": preset_engines("wan", "tiny-random-a14b", backend="aoti")}
+
+
+FOLD = {"policy": "foresight", "warmup": 2, "recalculate": 2, "threshold": 4.0}
+
+
+@pytest.mark.parametrize("family, prompt, options", [
+    # the raw text (no cleaning), a negative prompt, encoded without a mask
+    ("cogvideox", "  A yellow Triangle moving down ", {"negative-prompt": "a blue circle", "steps": 6, "seed": 3}),
+    ("cogvideox", "a yellow triangle moving down", {"guidance": 1.0, "steps": 5, "seed": 1, "policy": FOLD}),
+    # the aesthetic-score suffix and the learned null caption
+    ("opensora", "a green square moving up on a black background", {"steps": 6, "seed": 4, "policy": FOLD}),
+    ("opensora", "a green square aesthetic score: 5.0.", {"guidance": 1.0, "steps": 4, "seed": 2}),
+    # prompt_clean (whitespace runs, a bare '&'), tokens kept and zero-padded, two experts with UniPC
+    ("wan", " a blue   circle\tmoving right & fast ", {"negative-prompt": " blurry ", "steps": 8, "seed": 5,
+                                                        "policy": FOLD}),
+    ("wan", "a blue circle moving right", {"guidance": 1.0, "steps": 4, "seed": 6}),
+], ids=["cogvideox", "cogvideox-no-guidance", "opensora", "opensora-scored", "wan", "wan-no-guidance"])
+def test_cpp_generate_makes_the_python_runtimes_frames_for_every_pipeline(cpp_build, pipeline_folders, tmp_path,
+                                                                         family, prompt, options):
+    """Runtime::generate of CogVideoX, Open-Sora and Wan (each prompt encoded as its pipeline encodes it,
+    its latents scaled and decoded as it decodes them) equals Runtime.generate with the same compiled
+    text encoder and VAE decoder: latents, uint8 frames and decisions bit for bit."""
+    folder = pipeline_folders[family]
+    policy = options.get("policy", {"policy": "none"})
+    rt = Runtime.load(folder, backend="aoti", device="cpu", compiled_components=True)
+    ref = rt.generate(prompt, negative_prompt=options.get("negative-prompt"), num_inference_steps=options["steps"],
+                      guidance_scale=options.get("guidance"), seed=options["seed"], policy=policy["policy"],
+                      **{k: v for k, v in policy.items() if k != "policy"})
+    done, latents, frames, trace, stats = run_generate(cpp_build, folder, tmp_path, prompt,
+                                                       **{**options, "policy": policy})
+    assert_equal_runs(done, latents, trace, stats, ref, policy, ref.latents.shape)
+    assert frames.dtype == torch.uint8 and frames.shape == ref.frames.shape
+    assert torch.equal(frames, torch.from_numpy(ref.frames))
+
+
+@pytest.mark.parametrize("family, prompt, options, message", [
+    ("wan", "a blue circle", {"frames": 13}, "frames=13: the compiled VAE decoder makes 9 frames (the default "
+                                             "video's; foresight-export compiles it for one frame count): pass "
+                                             "--frames 9"),
+    ("wan", "fish &amp; chips", {}, "the prompt has an HTML entity (&amp; ch...), which WanPipeline unescapes"),
+    ("wan", "a blue\x01circle", {}, "the prompt has control characters"),
+    ("opensora", "a green square", {"negative-prompt": "red"}, "guides against its learned null caption"),
+], ids=["other-frames", "html-entity", "control-character", "opensora-negative"])
+def test_cpp_generate_refuses_what_it_cannot_make_as_python_does(cpp_build, pipeline_folders, tmp_path, family,
+                                                                  prompt, options, message):
+    done, *_ = run_generate(cpp_build, pipeline_folders[family], tmp_path, prompt, steps=2, **options)
+    assert done.returncode == 1 and message in done.stderr, done.stderr
     assert not (tmp_path / "frames.pt").exists()
 
 
@@ -389,3 +452,15 @@ def test_cpp_runtime_refuses_what_it_has_not_ported(cpp_build, latte_aoti, wan_e
         done.stderr
     done, *_ = run_cpp(cpp_build, latte_aoti, text, tmp_path, steps=4, **{"guidance-2": 2.0})
     assert done.returncode == 1 and "these engines have one transformer" in done.stderr, done.stderr
+
+
+def test_one_cpp_runtime_serves_concurrent_threads_as_sequential_calls(cpp_build, latte_aoti):
+    """Three threads call generate on one Runtime at once: each gets the frames, decisions and engine
+    calls it gets alone (the calls are serialised, as the Python runtime's are), and different seeds
+    still give different videos."""
+    done = subprocess.run([str(cpp_build / "foresight_threads"), str(latte_aoti), "3", PROMPT,
+                           "a blue circle moving up on a white background"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report == {"threads": 3, "equal": True, "seeds_differ": True, "head_calls": 3 * 6}

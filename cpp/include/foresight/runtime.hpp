@@ -15,12 +15,17 @@
 // CFG, fps and pixel size as stem inputs) and Wan's (FlowMatchEuler or UniPC with flow sigmas,
 // CFG as two batch-1 passes, the expert switch at boundary_ratio with one controller stage per
 // expert). Runtime::generate goes from a prompt to frames (tokenizer, compiled text encoder and VAE
-// decoder) for Latte folders. Not written yet: compiled text encoders and VAE decoders of the other
-// pipelines, CogVideoX 5B's rotary tables and CogVideoXDPMScheduler.
+// decoder) for every shipped pipeline, each prompt encoded as its Python pipeline encodes it. Not
+// written yet: CogVideoX 5B's rotary tables and CogVideoXDPMScheduler.
+//
+// Thread safety, as the Python runtime's: one Runtime runs one call at a time. Concurrent calls
+// (denoise, generate, encode_prompt, decode) from several threads are serialised by a lock; each
+// gives what a sequential call gives. For parallel generations load one Runtime per thread.
 #pragma once
 
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -121,12 +126,16 @@ class Runtime {
  public:
   static Runtime load(const std::string& folder, const std::string& device = "cpu", bool verify_hashes = true);
   DenoiseResult denoise(const DenoiseRequest& request);
-  // Needs the compiled text encoder and VAE decoder (`foresight-export --backend aoti` writes them for
-  // pipeline type latte); other folders are refused with ConfigError.
+  // Needs the compiled text encoder and VAE decoder (`foresight-export --backend aoti` writes them);
+  // folders without them are refused with ConfigError. A video VAE's decoder is compiled for the
+  // default video's frame count: other frame counts are refused with ShapeError before denoising.
   Result generate(const Request& request);
-  // The encoded prompt as the Python pipeline's encode_prompt gives it ((2 or 1, T, C), negative first).
-  at::Tensor encode_prompt(const std::string& prompt, const std::string& negative_prompt, bool guidance);
-  // Final latents (1, C, F, h, w) -> uint8 frames (F, H, W, 3) on the CPU.
+  // The encoded prompt as the Python pipeline's encode_prompt gives it, by stem input name:
+  // encoder_hidden_states (2 or 1, T, C), negative first; Open-Sora: caption and caption_mask, the
+  // conditional row first, then the null caption. DenoiseRequest::inputs takes it as it is.
+  std::map<std::string, at::Tensor> encode_prompt(const std::string& prompt, const std::string& negative_prompt,
+                                                  bool guidance);
+  // Final latents (as DenoiseResult's) -> uint8 frames (F, H, W, 3) on the CPU.
   at::Tensor decode(const at::Tensor& latents);
   const Manifest& manifest() const { return manifest_; }
   long engine_calls(const std::string& part) const;  // every expert's together
@@ -143,7 +152,14 @@ class Runtime {
   std::shared_ptr<Tokenizer> tokenizer_;
   std::string no_generate_;  // why generate() cannot run here ("" if it can)
   double vae_scaling_ = 1.0;
+  int64_t vae_latent_frames_ = -1, vae_frames_ = -1;  // a video VAE decoder's compiled frame counts
+  at::Tensor null_caption_;                            // Open-Sora's learned null caption (T, C)
+  std::shared_ptr<std::mutex> lock_ = std::make_shared<std::mutex>();  // one call at a time
   void check_generate() const;
+  DenoiseResult denoise_unlocked(const DenoiseRequest& request);
+  std::map<std::string, at::Tensor> encode_unlocked(const std::string& prompt, const std::string& negative_prompt,
+                                                    bool guidance);
+  at::Tensor decode_unlocked(const at::Tensor& latents);
   std::vector<at::Tensor> run(const PartSpec& part, const std::map<std::string, at::Tensor>& inputs, int expert);
 };
 
