@@ -11,6 +11,7 @@
 #   demo.gif, reuse.png, stats.json   foresight-run of the shipped preset on the GPU (aoti backend, CUDA graphs)
 #   wan-a14b.gif, wan-a14b-stats.json the two-expert Wan 2.2 layout on CUDA packages (stages, experts per step)
 #   serve-load-cuda.json foresight-serve on CUDA (aoti): 40 requests, none lost, every video equal to one process's
+#   cpp-cuda.txt         the C++ runtime on CUDA: foresight-run-cpp's frames and decisions vs foresight-run's
 #   tensorrt.txt         what a machine with TensorRT must run (run here when tensorrt is importable)
 # Packages missing there (diffusers) travel as wheels in .whl/ (see the device notes in the README).
 set -uo pipefail
@@ -64,6 +65,30 @@ if python3 -c "import fastapi, uvicorn, prometheus_client, requests" 2>/dev/null
         --requests 40 --clients 8 --json "$OUT/serve-load-cuda.json" 2>&1 | tail -20
 else
     echo "(fastapi/uvicorn/prometheus-client/requests not importable here: carry their wheels in .whl/)"
+fi
+
+echo "== 4d. the C++ runtime on CUDA: foresight-run-cpp vs foresight-run --compiled-components, same CUDA packages"
+NLOHMANN=$(python3 -c "import nlohmann_json; print(nlohmann_json.get_include())" 2>/dev/null)
+if command -v cmake >/dev/null && [ -n "$NLOHMANN" ]; then
+    { GEN=(); command -v ninja >/dev/null && GEN=(-G Ninja)
+      timeout 300 cmake -S cpp -B /tmp/cpp-build "${GEN[@]}" -DNLOHMANN_JSON_INCLUDE_DIR="$NLOHMANN" \
+          -DCMAKE_PREFIX_PATH="$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')" | grep foresight
+      timeout 300 cmake --build /tmp/cpp-build -j 16 2>&1 | tail -2
+      common=(--engines "$ENG/latte-tiny-aoti" --prompt "$PROMPT" --steps 20 --seed 3 --device cuda)
+      timeout 60 /tmp/cpp-build/foresight-run-cpp "${common[@]}" --out "$OUT/cpp-cuda.npy" --stats "$OUT/cpp-cuda.json"
+      timeout 60 run_cli "${common[@]}" --backend aoti --compiled-components --quiet --out "$OUT/py-cuda.gif" \
+          --save-frames "$OUT/py-cuda.npy" --stats "$OUT/py-cuda.json"
+      python3 - "$OUT" <<'PY'
+import json, sys, numpy as np
+out = sys.argv[1]
+a, b = np.load(f"{out}/cpp-cuda.npy").astype(int), np.load(f"{out}/py-cuda.npy").astype(int)
+sa, sb = (json.load(open(f"{out}/{n}-cuda.json")) for n in ("cpp", "py"))
+print("frames equal:", np.array_equal(a, b), "max diff:", int(np.abs(a - b).max()), "traces equal:",
+      sa["trace"] == sb["trace"], "C++ s:", sa.get("total_seconds"), "Python s:", sb.get("total_seconds"))
+PY
+    } 2>&1 | tee "$OUT/cpp-cuda.txt"
+else
+    echo "(cmake or nlohmann-json missing here: carry the nlohmann-json wheel in .whl/)" | tee "$OUT/cpp-cuda.txt"
 fi
 
 echo "== 5. TensorRT"

@@ -1168,6 +1168,15 @@ std::map<std::string, at::Tensor> Runtime::encode_unlocked(const std::string& pr
     at::Tensor embeds = text_encoder_->loader->run({ids, mask_it ? mask : torch::ones_like(mask)}).at(0);
     return std::make_pair(embeds, mask);
   };
+  // Python's lower(), strip() and prompt_clean follow Unicode rules; ported for ASCII text (a word-level
+  // tokenizer refuses anything else itself).
+  if ((type == "latte" || type == "wan") && tokenizer_->sentencepiece())
+    for (const std::string* text : {&prompt, &negative_prompt})
+      for (unsigned char c : *text)
+        if (c >= 0x80)
+          throw ConfigError("the prompt has non-ASCII characters: the C++ runtime cleans " + type +
+                            " prompts (Python's Unicode lower-casing, stripping and whitespace rules) for ASCII "
+                            "text only; write it in ASCII or run foresight-run");
   if (type == "latte") {  // lower-cased and stripped; cut to the prompt's tokens, the negative to as many
     auto [embeds, mask] = encode(ascii_lower(py_strip(prompt)), true);
     const int64_t keep = p.value("mask_text", true) ? mask.sum().item<int64_t>() : embeds.size(1);

@@ -454,6 +454,45 @@ def test_cpp_runtime_refuses_what_it_has_not_ported(cpp_build, latte_aoti, wan_e
     assert done.returncode == 1 and "these engines have one transformer" in done.stderr, done.stderr
 
 
+def with_tokenizer(folder, dest, tokenizer):
+    """``folder`` copied with ``tokenizer`` (a folder) as its tokenizer component, the file table updated."""
+    from runtime.manifest import sha256_file
+
+    shutil.copytree(folder, dest, symlinks=True)
+    shutil.rmtree(dest / "tokenizer")
+    shutil.copytree(tokenizer, dest / "tokenizer")
+
+    def change(d):
+        d["files"] = {k: v for k, v in d["files"].items() if not k.startswith("tokenizer/")}
+        for f in sorted((dest / "tokenizer").iterdir()):
+            d["files"][f"tokenizer/{f.name}"] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    edit_manifest(dest, change)
+    return dest
+
+
+def test_cpp_generate_with_a_sentencepiece_tokenizer_makes_the_python_runtimes_frames(cpp_build, pipeline_folders,
+                                                                                       tmp_path):
+    """A released checkpoint's kind of tokenizer (T5 SentencePiece: tokenizer.json converted from the
+    spiece.model next to it, both hashed in the manifest) in the Open-Sora folder: the C++ runtime
+    tokenizes UTF-8 prompts as transformers does, so generate gives the Python runtime's frames."""
+    from tests.cpp.test_tokenizer import make_t5_tokenizer
+
+    tokenizer = make_t5_tokenizer(tmp_path / "t5", vocab_size=38, extra_ids=0)  # ids < the encoder's 38
+    folder = with_tokenizer(pipeline_folders["opensora"], tmp_path / "engines", tokenizer)
+    rt = Runtime.load(folder, backend="aoti", device="cpu", compiled_components=True)
+    for prompt in ("a green square moving up on a black background", "un carré vert, naïve été \u65e5\u672c"):
+        ref = rt.generate(prompt, num_inference_steps=4, seed=3, policy="none")
+        done, latents, frames, trace, stats = run_generate(cpp_build, folder, tmp_path, prompt, steps=4, seed=3)
+        assert_equal_runs(done, latents, trace, stats, ref, {"policy": "none"}, ref.latents.shape)
+        assert torch.equal(frames, torch.from_numpy(ref.frames))
+    model = folder / "tokenizer" / "spiece.model"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 1
+    model.write_bytes(bytes(data))  # the manifest's hash refuses an edited model
+    done, *_ = run_generate(cpp_build, folder, tmp_path, "a green square", steps=2)
+    assert done.returncode == 1 and "spiece.model does not match the sha256 recorded in the manifest" in done.stderr
+
+
 def test_one_cpp_runtime_serves_concurrent_threads_as_sequential_calls(cpp_build, latte_aoti):
     """Three threads call generate on one Runtime at once: each gets the frames, decisions and engine
     calls it gets alone (the calls are serialised, as the Python runtime's are), and different seeds
