@@ -586,6 +586,7 @@ struct UniPC {
 // timestep for each step, which expert runs it, guidance and the scheduler step.
 struct Sampler {
   std::vector<int> experts;  // per step
+  at::Generator* generator = nullptr;  // the run's CPU generator (the starting noise's), for noise a step draws
   virtual ~Sampler() = default;
   virtual int steps() const = 0;
   virtual at::Tensor timestep(int i, int64_t batch, c10::Device device) const = 0;
@@ -715,21 +716,55 @@ struct CogVideoXDDIM {
   }
 };
 
-// CogVideoXPipeline with CogVideoXDDIM: batched CFG, the optional dynamic scale
-// 1 + s * (1 - cos(pi * ((N - t) / N) ** 5)) / 2, the DDIM-style step.
+// diffusers' CogVideoXDPMScheduler.step (DPM-Solver++ 2M with its noise, CogVideoX 5B's scheduler) on
+// CogVideoXDDIM's schedule (the two share __init__ and set_timesteps): the same 0-dim tensor ops in the
+// same order, the noise drawn from the run's CPU generator as randn_tensor draws it (once, or twice
+// when the second-order update runs). Returns the new sample and this step's predicted x0.
+std::pair<at::Tensor, at::Tensor> dpm_step(const CogVideoXDDIM& s, const at::Tensor& model_output,
+                                           const at::Tensor& old_x0, int64_t t, int64_t t_back,
+                                           const at::Tensor& sample, at::Generator& gen) {
+  const int64_t prev_t = t - s.num_train / s.steps;
+  const at::Tensor a = s.alphas_cumprod[t];
+  const at::Tensor a_prev = prev_t >= 0 ? s.alphas_cumprod[prev_t] : s.final_alpha_cumprod;
+  const at::Tensor b = 1 - a;
+  at::Tensor x0;
+  if (s.prediction == "epsilon") x0 = (sample - torch::pow(b, 0.5) * model_output) / torch::pow(a, 0.5);
+  else if (s.prediction == "sample") x0 = model_output;
+  else if (s.prediction == "v_prediction") x0 = torch::pow(a, 0.5) * sample - torch::pow(b, 0.5) * model_output;
+  else throw ConfigError("unknown prediction_type " + s.prediction);
+  auto lambda = [](const at::Tensor& ac) { return torch::pow(ac / (1 - ac), 0.5).log(); };
+  const at::Tensor lamb = lambda(a), h = lambda(a_prev) - lamb;
+  const at::Tensor mult1 = torch::pow((1 - a_prev) / (1 - a), 0.5) * (-h).exp();
+  const at::Tensor mult2 = (-2 * h).expm1() * torch::pow(a_prev, 0.5);
+  const at::Tensor mult_noise = torch::pow(1 - a_prev, 0.5) * torch::pow(1 - (-2 * h).exp(), 0.5);
+  auto noise = [&] { return torch::randn(sample.sizes(), gen, torch::TensorOptions().dtype(sample.scalar_type()))
+                                .to(sample.device()); };
+  at::Tensor prev = mult1 * sample - mult2 * x0 + mult_noise * noise();
+  if (!old_x0.defined() || prev_t < 0) return {prev, x0};
+  const at::Tensor r = (lamb - lambda(s.alphas_cumprod[t_back])) / h;
+  const at::Tensor mult3 = 1 + 1 / (2 * r), mult4 = 1 / (2 * r);
+  const at::Tensor denoised_d = mult3 * x0 - mult4 * old_x0;
+  return {mult1 * sample - mult2 * denoised_d + mult_noise * noise(), x0};
+}
+
+// CogVideoXPipeline with CogVideoXDDIM or CogVideoXDPM: batched CFG, the optional dynamic scale
+// 1 + s * (1 - cos(pi * ((N - t) / N) ** 5)) / 2, the DDIM-style step or the DPM one (which carries
+// the previous step's x0 and looks back to the previous timestep).
 struct CogVideoXSampler : Sampler {
   CogVideoXDDIM ddim;
   double guidance;
-  bool dynamic;
-  CogVideoXSampler(const json& sched, int n, double g, bool dynamic_cfg) : ddim(check(sched), n), guidance(g),
-                                                                             dynamic(dynamic_cfg) {
+  bool dynamic, dpm;
+  at::Tensor old_x0;
+  CogVideoXSampler(const json& sched, int n, double g, bool dynamic_cfg)
+      : ddim(check(sched), n), guidance(g), dynamic(dynamic_cfg),
+        dpm(sched.at("_class_name") == "CogVideoXDPMScheduler") {
     experts.assign(n, 0);
   }
   static const json& check(const json& sched) {
     const std::string name = sched.at("_class_name");
-    if (name != "CogVideoXDDIMScheduler")
-      throw ConfigError("the C++ runtime's cogvideox sampler steps CogVideoXDDIMScheduler; this folder's scheduler is " +
-                        name + " (CogVideoXDPMScheduler is not ported yet): run foresight-run --backend aoti");
+    if (name != "CogVideoXDDIMScheduler" && name != "CogVideoXDPMScheduler")
+      throw ConfigError("the C++ runtime's cogvideox sampler steps CogVideoXDDIMScheduler or CogVideoXDPMScheduler; "
+                        "this folder's scheduler is " + name + ": run foresight-run --backend aoti");
     return sched;
   }
   int steps() const override { return ddim.steps; }
@@ -745,7 +780,10 @@ struct CogVideoXSampler : Sampler {
         scale = 1 + scale * (1 - std::cos(M_PI * std::pow((ddim.steps - static_cast<double>(t)) / ddim.steps, 5.0))) / 2;
       noise_pred = guide(noise_pred, scale);
     }
-    return ddim.step(noise_pred, t, latents);
+    if (!dpm) return ddim.step(noise_pred, t, latents);
+    auto [next, x0] = dpm_step(ddim, noise_pred, old_x0, t, i > 0 ? ddim.timesteps[i - 1] : -1, latents, *generator);
+    old_x0 = x0;
+    return next;
   }
 };
 
@@ -797,6 +835,50 @@ struct RFlowSampler : Sampler {
     return z + v * dt.reshape({-1, 1, 1, 1, 1}).to(z.device());
   }
 };
+
+// diffusers' get_1d_rotary_pos_embed (use_real, repeat_interleave_real, float32 frequencies): cos and
+// sin (N, dim) of the positions.
+std::pair<at::Tensor, at::Tensor> rotary_1d(int64_t dim, const at::Tensor& pos, double theta = 10000.0) {
+  const at::Tensor exps = torch::arange(0, dim, 2, torch::kFloat32).slice(0, 0, dim / 2) / dim;
+  const at::Tensor freqs = torch::outer(pos, (1.0 / torch::pow(theta, exps)) / 1.0);
+  return {freqs.cos().repeat_interleave(2, 1).to(torch::kFloat32), freqs.sin().repeat_interleave(2, 1).to(torch::kFloat32)};
+}
+
+// CogVideoX 5B's rotary tables for a token grid (CogVideoXPipeline._prepare_rotary_positional_embeddings
+// with get_resize_crop_region_for_grid and get_3d_rotary_pos_embed, grid_type "linspace"): cos and sin
+// (F, h, w, head_dim), a quarter of the channels for time and three eighths each for height and width.
+std::pair<at::Tensor, at::Tensor> rotary_3d(int64_t head_dim, int64_t frames, int64_t h, int64_t w, int64_t base_h,
+                                            int64_t base_w) {
+  // get_resize_crop_region_for_grid((h, w), base_w, base_h), Python's round (half to even)
+  double top = 0, left = 0, rh, rw;
+  if (static_cast<double>(h) / w > static_cast<double>(base_h) / base_w) {
+    rh = base_h;
+    rw = std::nearbyint(static_cast<double>(base_h) / h * w);
+  } else {
+    rw = base_w;
+    rh = std::nearbyint(static_cast<double>(base_w) / w * h);
+  }
+  top = std::nearbyint((base_h - rh) / 2.0);
+  left = std::nearbyint((base_w - rw) / 2.0);
+  const auto f32 = torch::TensorOptions().dtype(torch::kFloat32);
+  const at::Tensor grid_h = torch::linspace(top, (top + rh) * (h - 1) / h, h, f32);
+  const at::Tensor grid_w = torch::linspace(left, (left + rw) * (w - 1) / w, w, f32);
+  const at::Tensor grid_t = torch::linspace(0, frames * (frames - 1.0) / frames, frames, f32);
+  const int64_t dim_t = head_dim / 4, dim_hw = head_dim / 8 * 3;
+  auto [t_cos, t_sin] = rotary_1d(dim_t, grid_t);
+  auto [h_cos, h_sin] = rotary_1d(dim_hw, grid_h);
+  auto [w_cos, w_sin] = rotary_1d(dim_hw, grid_w);
+  auto combine = [&](const at::Tensor& ft, const at::Tensor& fh, const at::Tensor& fw) {
+    return torch::cat({ft.index({torch::indexing::Slice(), torch::indexing::None, torch::indexing::None})
+                           .expand({-1, h, w, -1}),
+                       fh.index({torch::indexing::None, torch::indexing::Slice(), torch::indexing::None})
+                           .expand({frames, -1, w, -1}),
+                       fw.index({torch::indexing::None, torch::indexing::None}).expand({frames, h, -1, -1})},
+                      -1)
+        .contiguous();
+  };
+  return {combine(t_cos, h_cos, w_cos), combine(t_sin, h_sin, w_sin)};
+}
 
 // diffusers' get_3d_sincos_pos_embed (output_type "pt"), CogVideoX 2B's position table for a shape:
 // (F, h * w, D), float32 grids and float64 frequencies as diffusers computes them on CPU.
@@ -852,9 +934,6 @@ DenoiseResult Runtime::denoise_unlocked(const DenoiseRequest& req) {
   const std::string type = p.at("type");
   if (type != "latte" && type != "wan" && type != "cogvideox" && type != "opensora")
     throw ConfigError("the C++ runtime does not run the " + type + " pipeline; run foresight-run --backend aoti");
-  if (type == "cogvideox" && p.value("positional", "sincos") != "sincos")
-    throw ConfigError("the C++ runtime computes CogVideoX 2B's sin-cos position tables; this folder's model uses "
-                      "rotary tables (5B-style), not ported yet: run foresight-run --backend aoti");
   const json& shapes = manifest_.data.at("shapes");
   const int frames = shape_value(shapes, "frames", req.frames), height = shape_value(shapes, "height", req.height),
             width = shape_value(shapes, "width", req.width);
@@ -938,6 +1017,7 @@ DenoiseResult Runtime::denoise_unlocked(const DenoiseRequest& req) {
   const int f = p.at("vae_scale_factor");
   const int64_t channels = p.at("latent_channels").get<int64_t>();
   auto gen = at::make_generator<at::CPUGeneratorImpl>(req.seed);
+  sampler->generator = &gen;
   const std::vector<int64_t> shape = type == "cogvideox"
                                          ? std::vector<int64_t>{1, latent_frames, channels, height / f, width / f}
                                          : std::vector<int64_t>{1, channels, latent_frames, height / f, width / f};
@@ -955,7 +1035,13 @@ DenoiseResult Runtime::denoise_unlocked(const DenoiseRequest& req) {
     constants["height"] = torch::full({b}, static_cast<double>(height), options);
     constants["width"] = torch::full({b}, static_cast<double>(width), options);
   }
-  if (type == "cogvideox") {
+  if (type == "cogvideox" && p.value("positional", "sincos") == "rotary") {
+    const int64_t g = f * p.value("patch_size", 1), h = height / g, w = width / g;
+    auto [cos, sin] = rotary_3d(p.at("head_dim").get<int64_t>(), latent_frames, h, w,
+                                p.at("base_grid").at(0).get<int64_t>(), p.at("base_grid").at(1).get<int64_t>());
+    constants["rotary_cos"] = cos.to(device_, torch::kFloat32);
+    constants["rotary_sin"] = sin.to(device_, torch::kFloat32);
+  } else if (type == "cogvideox") {
     const int64_t g = f * p.value("patch_size", 1), h = height / g, w = width / g;
     constants["pos_embedding"] = sincos_3d(p.at("hidden_size").get<int64_t>(), w, h, latent_frames,
                                               p.value("spatial_interpolation_scale", 1.0),
@@ -1020,6 +1106,7 @@ DenoiseResult Runtime::denoise_unlocked(const DenoiseRequest& req) {
         if (kind == "state") return state.at(name);
         if (kind == "stem") return stem_out.at(name);
         if (kind == "input") return pass_in.at(name);
+        if (kind == "pipeline") return constants.at(name);  // the per-shape tables (CogVideoX 5B's rotary ones)
         throw ConfigError("flow source " + source + " is not supported by the C++ runtime yet");
       };
       std::map<std::string, at::Tensor> state;

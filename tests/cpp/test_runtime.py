@@ -170,7 +170,8 @@ def test_cpp_generate_refusals(cpp_build, latte_aoti, tmp_path):
 def pipeline_folders(preset_engines, aoti_engines_dir):
     """Every other pipeline's AOTI folder with its compiled text encoder and video VAE decoder."""
     return {"cogvideox": aoti_engines_dir, "opensora": preset_engines("opensora", "tiny", backend="aoti"),
-            "wan": preset_engines("wan", "tiny-random-a14b", backend="aoti")}
+            "wan": preset_engines("wan", "tiny-random-a14b", backend="aoti"),
+            "cogvideox-5b": preset_engines("cogvideox", "tiny-5b", backend="aoti")}
 
 
 FOLD = {"policy": "foresight", "warmup": 2, "recalculate": 2, "threshold": 4.0}
@@ -180,6 +181,9 @@ FOLD = {"policy": "foresight", "warmup": 2, "recalculate": 2, "threshold": 4.0}
     # the raw text (no cleaning), a negative prompt, encoded without a mask
     ("cogvideox", "  A yellow Triangle moving down ", {"negative-prompt": "a blue circle", "steps": 6, "seed": 3}),
     ("cogvideox", "a yellow triangle moving down", {"guidance": 1.0, "steps": 5, "seed": 1, "policy": FOLD}),
+    # CogVideoX 5B's layout: the rotary tables per shape, CogVideoXDPMScheduler (noise from the run's generator)
+    ("cogvideox-5b", "a yellow triangle moving down", {"steps": 7, "seed": 5, "policy": FOLD}),
+    ("cogvideox-5b", "a yellow triangle moving down", {"guidance": 1.0, "steps": 6, "seed": 2}),
     # the aesthetic-score suffix and the learned null caption
     ("opensora", "a green square moving up on a black background", {"steps": 6, "seed": 4, "policy": FOLD}),
     ("opensora", "a green square aesthetic score: 5.0.", {"guidance": 1.0, "steps": 4, "seed": 2}),
@@ -187,10 +191,10 @@ FOLD = {"policy": "foresight", "warmup": 2, "recalculate": 2, "threshold": 4.0}
     ("wan", " a blue   circle\tmoving right & fast ", {"negative-prompt": " blurry ", "steps": 8, "seed": 5,
                                                         "policy": FOLD}),
     ("wan", "a blue circle moving right", {"guidance": 1.0, "steps": 4, "seed": 6}),
-], ids=["cogvideox", "cogvideox-no-guidance", "opensora", "opensora-scored", "wan", "wan-no-guidance"])
+], ids=["cogvideox", "cogvideox-no-guidance", "cogvideox-5b", "cogvideox-5b-no-guidance", "opensora", "opensora-scored", "wan", "wan-no-guidance"])
 def test_cpp_generate_makes_the_python_runtimes_frames_for_every_pipeline(cpp_build, pipeline_folders, tmp_path,
                                                                          family, prompt, options):
-    """Runtime::generate of CogVideoX, Open-Sora and Wan (each prompt encoded as its pipeline encodes it,
+    """Runtime::generate of CogVideoX (2B and 5B layouts), Open-Sora and Wan (each prompt encoded as its pipeline encodes it,
     its latents scaled and decoded as it decodes them) equals Runtime.generate with the same compiled
     text encoder and VAE decoder: latents, uint8 frames and decisions bit for bit."""
     folder = pipeline_folders[family]

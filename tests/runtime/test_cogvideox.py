@@ -18,15 +18,14 @@ STEPS = 6
 
 
 @pytest.fixture(scope="module", params=["tiny", "tiny-5b"])
-def exported(request, tmp_path_factory):
-    from exporter.export import ExportOptions, export
+def exported(request):
     from exporter.families import get_family
 
-    if request.param == "tiny":  # the session's AOTInductor export holds the same ONNX files
+    # The session's AOTInductor exports (the C++ tests use them too) hold the same ONNX files.
+    if request.param == "tiny":
         out = request.getfixturevalue("aoti_engines_dir")
     else:
-        out = tmp_path_factory.mktemp("engines") / f"cogvideox-{request.param}"
-        export(ExportOptions(model="cogvideox", preset=request.param, out=out), progress=False)
+        out = request.getfixturevalue("preset_engines")("cogvideox", request.param, backend="aoti")
     return get_family("cogvideox").presets[request.param], out
 
 

@@ -10,13 +10,13 @@
 // Status: the manifest (versions, paths inside the folder, every file's size and sha256), the
 // AOTInductor executors (one set per expert: Wan 2.2 A14B's two transformers), the flow between
 // parts, the reuse of cached outputs, and every shipped model's sampler: Latte's (DDIM, batched
-// CFG, learned-sigma split), CogVideoX 2B's (CogVideoXDDIM, the sin-cos position table per shape,
-// dynamic CFG), Open-Sora 1.2's (rectified flow with its timestep transform, [conditional, null]
+// CFG, learned-sigma split), CogVideoX's (CogVideoXDDIM or CogVideoXDPM, the sin-cos or rotary
+// position tables per shape, dynamic CFG), Open-Sora 1.2's (rectified flow with its timestep transform, [conditional, null]
 // CFG, fps and pixel size as stem inputs) and Wan's (FlowMatchEuler or UniPC with flow sigmas,
 // CFG as two batch-1 passes, the expert switch at boundary_ratio with one controller stage per
 // expert). Runtime::generate goes from a prompt to frames (tokenizer, compiled text encoder and VAE
-// decoder) for every shipped pipeline, each prompt encoded as its Python pipeline encodes it. Not
-// written yet: CogVideoX 5B's rotary tables and CogVideoXDPMScheduler.
+// decoder) for every shipped pipeline, each prompt encoded as its Python pipeline encodes it, CogVideoX
+// 5B's (rotary tables, CogVideoXDPMScheduler) included. Not written yet: TensorRT engines.
 //
 // Thread safety, as the Python runtime's: one Runtime runs one call at a time. Concurrent calls
 // (denoise, generate, encode_prompt, decode) from several threads are serialised by a lock; each
