@@ -59,7 +59,9 @@ def test_every_part_matches_the_torch_reference(aoti_engines_dir):
 
 def test_layers_share_one_compiled_program(aoti_engines_dir):
     section = load_manifest(aoti_engines_dir).aoti
-    assert set(section["programs"]) == {"stem", "layer_000", "head"}
+    # the parts' three programs, and the compiled text encoder's and VAE decoder's
+    assert set(section["programs"]) == {"stem", "layer_000", "head", "components_text_encoder",
+                                        "components_vae_decoder"}
     assert {section["parts"][f"layer_{i:03d}"]["program"] for i in range(6)} == {"layer_000"}
     weights = {e["weights"] for e in section["parts"].values()}
     assert len(weights) == 8  # every part its own weights
