@@ -700,16 +700,20 @@ struct CogVideoXDDIM {
     timesteps = spaced_timesteps(cfg, num_train, steps);
   }
 
+  // The predicted original sample at alpha_cumprod a (the DDIM and DPM steps compute it alike).
+  at::Tensor predicted_x0(const at::Tensor& model_output, const at::Tensor& a, const at::Tensor& sample) const {
+    const at::Tensor b = 1 - a;
+    if (prediction == "epsilon") return (sample - torch::pow(b, 0.5) * model_output) / torch::pow(a, 0.5);
+    if (prediction == "sample") return model_output;
+    if (prediction == "v_prediction") return torch::pow(a, 0.5) * sample - torch::pow(b, 0.5) * model_output;
+    throw ConfigError("unknown prediction_type " + prediction);
+  }
+
   at::Tensor step(const at::Tensor& model_output, int64_t t, const at::Tensor& sample) const {
     const int64_t prev_t = t - num_train / steps;
     const at::Tensor a = alphas_cumprod[t];
     const at::Tensor a_prev = prev_t >= 0 ? alphas_cumprod[prev_t] : final_alpha_cumprod;
-    const at::Tensor b = 1 - a;
-    at::Tensor x0;
-    if (prediction == "epsilon") x0 = (sample - torch::pow(b, 0.5) * model_output) / torch::pow(a, 0.5);
-    else if (prediction == "sample") x0 = model_output;
-    else if (prediction == "v_prediction") x0 = torch::pow(a, 0.5) * sample - torch::pow(b, 0.5) * model_output;
-    else throw ConfigError("unknown prediction_type " + prediction);
+    const at::Tensor x0 = predicted_x0(model_output, a, sample);
     const at::Tensor a_t = torch::pow((1 - a_prev) / (1 - a), 0.5);
     const at::Tensor b_t = torch::pow(a_prev, 0.5) - torch::pow(a, 0.5) * a_t;
     return a_t * sample + b_t * x0;
@@ -726,12 +730,7 @@ std::pair<at::Tensor, at::Tensor> dpm_step(const CogVideoXDDIM& s, const at::Ten
   const int64_t prev_t = t - s.num_train / s.steps;
   const at::Tensor a = s.alphas_cumprod[t];
   const at::Tensor a_prev = prev_t >= 0 ? s.alphas_cumprod[prev_t] : s.final_alpha_cumprod;
-  const at::Tensor b = 1 - a;
-  at::Tensor x0;
-  if (s.prediction == "epsilon") x0 = (sample - torch::pow(b, 0.5) * model_output) / torch::pow(a, 0.5);
-  else if (s.prediction == "sample") x0 = model_output;
-  else if (s.prediction == "v_prediction") x0 = torch::pow(a, 0.5) * sample - torch::pow(b, 0.5) * model_output;
-  else throw ConfigError("unknown prediction_type " + s.prediction);
+  const at::Tensor x0 = s.predicted_x0(model_output, a, sample);
   auto lambda = [](const at::Tensor& ac) { return torch::pow(ac / (1 - ac), 0.5).log(); };
   const at::Tensor lamb = lambda(a), h = lambda(a_prev) - lamb;
   const at::Tensor mult1 = torch::pow((1 - a_prev) / (1 - a), 0.5) * (-h).exp();
@@ -1035,14 +1034,13 @@ DenoiseResult Runtime::denoise_unlocked(const DenoiseRequest& req) {
     constants["height"] = torch::full({b}, static_cast<double>(height), options);
     constants["width"] = torch::full({b}, static_cast<double>(width), options);
   }
+  const int64_t grid = f * p.value("patch_size", 1), h = height / grid, w = width / grid;  // the token grid
   if (type == "cogvideox" && p.value("positional", "sincos") == "rotary") {
-    const int64_t g = f * p.value("patch_size", 1), h = height / g, w = width / g;
     auto [cos, sin] = rotary_3d(p.at("head_dim").get<int64_t>(), latent_frames, h, w,
                                 p.at("base_grid").at(0).get<int64_t>(), p.at("base_grid").at(1).get<int64_t>());
     constants["rotary_cos"] = cos.to(device_, torch::kFloat32);
     constants["rotary_sin"] = sin.to(device_, torch::kFloat32);
   } else if (type == "cogvideox") {
-    const int64_t g = f * p.value("patch_size", 1), h = height / g, w = width / g;
     constants["pos_embedding"] = sincos_3d(p.at("hidden_size").get<int64_t>(), w, h, latent_frames,
                                               p.value("spatial_interpolation_scale", 1.0),
                                               p.value("temporal_interpolation_scale", 1.0))
