@@ -98,6 +98,10 @@ echo "== 5. TensorRT"
   echo "  python -m pytest -q tests/exporter/test_tensorrt_build.py tests/runtime/test_backends.py -k tensorrt"
   echo "  foresight-run --engines E16 --backend tensorrt --device cuda [--cuda-graphs] --prompt P --out o.mp4 --stats s.json"
   echo "  python -m tools.benchmark --engines E16 --backends tensorrt,torch --device cuda --policies none,foresight"
+  echo "  cmake -S cpp -B build/cpp-trt -G Ninja -DTENSORRT_ROOT=<TensorRT folder> <the README's -D flags>  (says: TensorRT engines run)"
+  echo "  build/cpp-trt/foresight-run-cpp --engines E --backend tensorrt --device cuda --prompt P --steps 8 --out c.npy --stats c.json"
+  echo "    == foresight-run --engines E --backend tensorrt --device cuda --prompt P --steps 8 --save-frames p.npy --stats p.json"
+  echo "    (decisions equal; frames within the TensorRT tolerance of the Python backend's: same engines, same glue)"
   echo "and compare: decisions equal to the torch backend's, latents within 1e-3 (fp32) / 1e-2 (fp16)."
   if python3 -c "import tensorrt" 2>/dev/null; then
       timeout 120 export_cli --model latte --preset tiny --out "$ENG/latte-trt" --dtype float16 --backend tensorrt \

@@ -7,6 +7,8 @@
 
 #include <openssl/evp.h>
 
+#include "executor.hpp"
+
 #include <ATen/Version.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 
@@ -39,12 +41,14 @@ std::string read_file(const std::string& path) {
 
 std::vector<TensorSpec> tensor_specs(const json& list) {
   std::vector<TensorSpec> out;
-  for (const auto& t : list) out.push_back({t.at("name").get<std::string>(), t.at("shape").get<std::vector<json>>()});
+  for (const auto& t : list)
+    out.push_back({t.at("name").get<std::string>(), t.at("shape").get<std::vector<json>>(), t.value("dtype", "float32")});
   return out;
 }
 
 PartSpec part_spec(const json& p) {
-  return {p.at("name").get<std::string>(), tensor_specs(p.at("inputs")), tensor_specs(p.at("outputs"))};
+  return {p.at("name").get<std::string>(), tensor_specs(p.at("inputs")), tensor_specs(p.at("outputs")),
+          p.at("file").get<std::string>()};
 }
 
 // safetensors: an 8-byte little-endian header length, a JSON header, then the raw tensor bytes. No
@@ -114,7 +118,9 @@ std::string Manifest::path(const std::string& relative) const {
   return r;
 }
 
-Manifest Manifest::load(const std::string& folder, bool verify_hashes) {
+Manifest Manifest::load(const std::string& folder, bool verify_hashes, const std::string& backend) {
+  if (backend != "aoti" && backend != "tensorrt")
+    throw ConfigError("backend " + backend + " is not one the C++ runtime runs: use aoti or tensorrt");
   const std::string fix = "re-export with `foresight-export --out " + folder + " --overwrite`";
   if (fs::exists(folder) && !fs::is_directory(folder))
     throw ManifestError(folder + " is a file, not an engines folder: pass the folder foresight-export wrote");
@@ -150,10 +156,10 @@ Manifest Manifest::load(const std::string& folder, bool verify_hashes) {
     m.head = part_spec(parts.at("head"));
     for (const auto& l : parts.at("layers")) m.layers.push_back(part_spec(l));
     m.probes = m.data.at("flow").at("probes").get<std::vector<std::string>>();
-    if (!m.data.contains("aoti") || m.data["aoti"].is_null())
+    if (backend == "aoti" && (!m.data.contains("aoti") || m.data["aoti"].is_null()))
       throw ManifestError(m.root + " has no AOTInductor packages, the engines the C++ runtime runs: build them with "
                           "`foresight-export --backend aoti --out " + m.root + " --overwrite`");
-    for (int k = 1; k < m.num_experts(); ++k)
+    for (int k = 1; backend == "aoti" && k < m.num_experts(); ++k)
       if (!m.data["experts"][k - 1].contains("aoti") || m.data["experts"][k - 1]["aoti"].is_null())
         throw ManifestError(m.root + ": expert " + std::to_string(k) + " has no AOTInductor weights; " + fix);
   } catch (const json::exception& e) {
@@ -164,12 +170,24 @@ Manifest Manifest::load(const std::string& folder, bool verify_hashes) {
   std::map<std::string, std::string> listed;  // resolved path -> relative
   for (const auto& [rel, entry] : m.data.at("files").items()) listed[m.path(rel)] = rel;
   std::vector<std::string> needed;
-  for (const auto& [name, program] : m.data["aoti"].at("programs").items()) needed.push_back(program.at("file"));
-  for (int k = 0; k < m.num_experts(); ++k)
-    for (const auto& [name, part] : m.aoti_parts(k).items()) needed.push_back(part.at("weights"));
-  for (const auto& [name, rel] : m.data.at("components").items()) needed.push_back(rel);
-  const json compiled = m.data["aoti"].value("components", json::object());  // a local: items() does not own it
-  for (const auto& [name, comp] : compiled.items()) needed.push_back(comp.at("weights"));
+  const bool has_aoti = m.data.contains("aoti") && m.data["aoti"].is_object();
+  try {
+    if (has_aoti) {
+      for (const auto& [name, program] : m.data["aoti"].at("programs").items()) needed.push_back(program.at("file"));
+      for (int k = 0; backend == "aoti" && k < m.num_experts(); ++k)
+        for (const auto& [name, part] : m.aoti_parts(k).items()) needed.push_back(part.at("weights"));
+      const json compiled = m.data["aoti"].value("components", json::object());  // a local: items() does not own it
+      for (const auto& [name, comp] : compiled.items()) needed.push_back(comp.at("weights"));
+    }
+    for (const auto& [name, rel] : m.data.at("components").items()) needed.push_back(rel);
+    const json trt = m.data.value("tensorrt", json());
+    if (backend == "tensorrt" && trt.is_object()) {
+      const json engines = trt.value("engines", json::object());
+      for (const auto& [name, engine] : engines.items()) needed.push_back(engine.at("file"));
+    }
+  } catch (const json::exception& e) {
+    throw ManifestError(mpath + " does not follow the engines format (" + e.what() + "); " + fix);
+  }
   for (const std::string& rel : needed) {
     const std::string p = m.path(rel);
     if (fs::is_directory(p)) {
@@ -196,35 +214,78 @@ Manifest Manifest::load(const std::string& folder, bool verify_hashes) {
 }
 
 // ------------------------------------------------------------------------------------ executors
-struct Runtime::Executor {
+namespace {
+
+struct AOTIExecutor : detail::Executor {
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> loader;
+  std::vector<at::Tensor> run(const std::vector<at::Tensor>& args) override { return loader->run(args); }
 };
+
+}  // namespace
+
+namespace detail {
+
+void check_tensorrt_section(const Manifest& m, const c10::Device& device) {
+  const std::string fix = "re-export with `foresight-export --backend tensorrt --out " + m.root + " --overwrite` on this machine";
+  const json& section = m.data.value("tensorrt", json());
+  if (!section.is_object() || section.empty()) throw BackendError(m.root + " has no TensorRT engines: " + fix);
+  if (m.num_experts() > 1)
+    throw BackendError(m.root + " holds two experts, and TensorRT engines are not built for folders with experts yet: "
+                       "run it with the aoti backend");
+  std::vector<const PartSpec*> parts{&m.stem, &m.head};
+  for (const auto& l : m.layers) parts.push_back(&l);
+  const json engines = section.value("engines", json::object());
+  for (const PartSpec* part : parts) {
+    if (!engines.contains(part->name) || !engines[part->name].contains("file"))
+      throw BackendError("no TensorRT engine for " + part->name + ": " + fix);
+    const std::string& file = part->file;
+    if (engines[part->name].value("onnx_sha256", "") != m.data.at("files").at(file).at("sha256").get<std::string>())
+      throw BackendError("the TensorRT engine of " + part->name + " was built from another " + file + ": rebuild with "
+                         "`foresight-export --backend tensorrt --out " + m.root + " --overwrite`");
+  }
+  if (!device.is_cuda()) throw BackendError("the tensorrt backend runs on CUDA only: pass --device cuda");
+}
+
+}  // namespace detail
 
 Runtime::Runtime(Manifest manifest, c10::Device device) : manifest_(std::move(manifest)), device_(device) {}
 
-Runtime Runtime::load(const std::string& folder, const std::string& device_name, bool verify_hashes) {
+Runtime Runtime::load(const std::string& folder, const std::string& device_name, bool verify_hashes,
+                      const std::string& backend) {
   c10::Device device(device_name);
-  Manifest m = Manifest::load(folder, verify_hashes);
-  const json& aoti = m.data["aoti"];
+  Manifest m = Manifest::load(folder, verify_hashes, backend);
+  if (m.data.value("dtype", "float32") != "float32")
+    throw ConfigError(m.root + " holds " + m.data["dtype"].get<std::string>() + " engines; the C++ runtime runs float32 "
+                      "ones: re-export without --dtype, or run it with foresight-run");
+  if (backend == "tensorrt") detail::check_tensorrt_section(m, device);
+  const json aoti = m.data.value("aoti", json());
   const std::string fix = "re-export with `foresight-export --backend aoti --device " + device.str() + " --out " + m.root +
                           " --overwrite`";
-  const std::string built_device = aoti.at("device"), built_torch = aoti.at("torch");
-  if (built_device != c10::DeviceTypeName(device.type(), true))
-    throw BackendError("the AOTInductor packages in " + m.root + " were built for " + built_device + ", not " +
-                       device.str() + ": run with --device " + built_device + ", or " + fix);
-  if (built_torch.substr(0, built_torch.find('+')) != std::string(TORCH_VERSION))
-    throw BackendError("the AOTInductor packages in " + m.root + " were built with torch " + built_torch +
-                       ", this libtorch is " + TORCH_VERSION + " (compiled code runs only where it was built for); " + fix);
-  if (device.is_cpu() && aoti.at("isa") != at::get_cpu_capability())
-    throw BackendError("the AOTInductor packages in " + m.root + " were built with instruction set " +
-                       aoti.at("isa").get<std::string>() + ", this machine has " + at::get_cpu_capability() + "; " + fix);
+  // Why the folder's AOTInductor packages cannot run here ("" if they can).
+  auto aoti_refusal = [&]() -> std::string {
+    if (!aoti.is_object()) return m.root + " has no AOTInductor packages; " + fix;
+    const std::string built_device = aoti.at("device"), built_torch = aoti.at("torch");
+    if (built_device != c10::DeviceTypeName(device.type(), true))
+      return "the AOTInductor packages in " + m.root + " were built for " + built_device + ", not " + device.str() +
+             ": run with --device " + built_device + ", or " + fix;
+    if (built_torch.substr(0, built_torch.find('+')) != std::string(TORCH_VERSION))
+      return "the AOTInductor packages in " + m.root + " were built with torch " + built_torch + ", this libtorch is " +
+             TORCH_VERSION + " (compiled code runs only where it was built for); " + fix;
+    if (device.is_cpu() && aoti.at("isa") != at::get_cpu_capability())
+      return "the AOTInductor packages in " + m.root + " were built with instruction set " +
+             aoti.at("isa").get<std::string>() + ", this machine has " + at::get_cpu_capability() + "; " + fix;
+    return "";
+  };
+  const std::string aoti_unusable = aoti_refusal();
+  if (backend == "aoti" && !aoti_unusable.empty()) throw BackendError(aoti_unusable);
   Runtime rt(std::move(m), device);
+  rt.backend_ = backend;
   rt.scheduler_ = json::parse(read_file(rt.manifest_.path(
       rt.manifest_.data.at("components").at("scheduler").get<std::string>() + "/scheduler_config.json")));
   // One compiled program instance with one part's (or component's) weights, its inputs checked.
   auto executor = [&](const json& entry, const std::vector<std::string>& want, const std::string& what) {
     const std::string program = rt.manifest_.path(aoti.at("programs").at(entry.at("program").get<std::string>()).at("file"));
-    auto exec = std::make_shared<Executor>();
+    auto exec = std::make_shared<AOTIExecutor>();
     try {
       exec->loader = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
           program, "model", false, 1, device.has_index() ? device.index() : -1);
@@ -251,15 +312,32 @@ Runtime Runtime::load(const std::string& folder, const std::string& device_name,
   std::vector<const PartSpec*> parts{&rt.manifest_.stem, &rt.manifest_.head};
   for (const auto& l : rt.manifest_.layers) parts.push_back(&l);
   rt.executors_.resize(rt.manifest_.num_experts());
-  for (int k = 0; k < rt.manifest_.num_experts(); ++k) {
-    for (const PartSpec* part : parts) {
-      std::vector<std::string> want;
-      for (const auto& t : part->inputs) want.push_back(t.name);
-      rt.executors_[k][part->name] = executor(rt.manifest_.aoti_parts(k).at(part->name), want, "part " + part->name);
-      rt.calls_[part->name] = 0;
+  for (const PartSpec* part : parts) rt.calls_[part->name] = 0;
+  if (backend == "tensorrt") {
+#ifdef FORESIGHT_HAVE_TENSORRT
+    rt.engines_ = detail::load_tensorrt(rt.manifest_, device, parts, rt.executors_[0]);
+#else
+    throw BackendError("this libforesight_runtime was built without TensorRT (cmake found no NvInferRuntime.h, libnvinfer "
+                       "and CUDA torch): install TensorRT and rebuild cpp/ with -DTENSORRT_ROOT=<its folder>, or run "
+                       "the folder's AOTInductor packages (backend aoti)");
+#endif
+  } else {
+    for (int k = 0; k < rt.manifest_.num_experts(); ++k) {
+      for (const PartSpec* part : parts) {
+        std::vector<std::string> want;
+        for (const auto& t : part->inputs) want.push_back(t.name);
+        rt.executors_[k][part->name] = executor(rt.manifest_.aoti_parts(k).at(part->name), want, "part " + part->name);
+      }
     }
   }
-  // The compiled text encoder and VAE decoder, and the tokenizer: what generate() needs.
+  // The compiled text encoder and VAE decoder, and the tokenizer: what generate() needs. A TensorRT
+  // folder takes them from its aoti section when it has one for this device.
+  if (!aoti_unusable.empty()) {
+    rt.no_generate_ = "generate() needs the folder's compiled text encoder and VAE decoder (its aoti section), "
+                      "and " + aoti_unusable + ": encode the prompt elsewhere and call denoise(), or run foresight-run "
+                      "--backend " + backend;
+    return rt;
+  }
   const json components = aoti.value("components", json::object());
   if (!components.contains("text_encoder") || !components.contains("vae_decoder")) {
     rt.no_generate_ = rt.manifest_.root + " has no compiled text encoder and VAE decoder (foresight-export --backend "
@@ -302,7 +380,7 @@ std::vector<at::Tensor> Runtime::run(const PartSpec& part, const std::map<std::s
   std::vector<at::Tensor> args;
   for (const auto& spec : part.inputs) args.push_back(inputs.at(spec.name));
   ++calls_[part.name];
-  return executors_.at(expert).at(part.name)->loader->run(args);
+  return executors_.at(expert).at(part.name)->run(args);
 }
 
 // ------------------------------------------------------------------------------------ sampling
@@ -966,6 +1044,8 @@ DenoiseResult Runtime::denoise_unlocked(const DenoiseRequest& req) {
 
   auto controller = Controller(make_policy(req.policy), static_cast<int>(manifest_.layers.size()),
                                static_cast<int>(manifest_.probes.size()));
+  // TensorRT: the loop's torch work on the engines' stream (released at return, after a sync back).
+  const std::shared_ptr<void> scope = engines_ ? engines_->loop_scope() : nullptr;
   // The latent frames, with the VAE's frame rule as the Python pipelines state it.
   const int temporal = p.value("vae_scale_factor_temporal", 1);
   int latent_frames = frames;
@@ -1250,7 +1330,7 @@ std::map<std::string, at::Tensor> Runtime::encode_unlocked(const std::string& pr
     auto opts = torch::TensorOptions().dtype(torch::kInt64);
     at::Tensor ids = torch::tensor(enc.ids, opts).view({1, max_length}).to(device_);
     at::Tensor mask = torch::tensor(enc.mask, opts).view({1, max_length}).to(device_);
-    at::Tensor embeds = text_encoder_->loader->run({ids, mask_it ? mask : torch::ones_like(mask)}).at(0);
+    at::Tensor embeds = text_encoder_->run({ids, mask_it ? mask : torch::ones_like(mask)}).at(0);
     return std::make_pair(embeds, mask);
   };
   // Python's lower(), strip() and prompt_clean follow Unicode rules; ported for ASCII text (a word-level
@@ -1323,7 +1403,7 @@ at::Tensor Runtime::decode_unlocked(const at::Tensor& latents) {
     const int64_t chunk = p.value("decode_chunk_size", 14);
     std::vector<at::Tensor> pieces;
     for (int64_t i = 0; i < x.size(0); i += chunk)
-      pieces.push_back(vae_decoder_->loader->run({x.slice(0, i, std::min(i + chunk, x.size(0))).contiguous()}).at(0));
+      pieces.push_back(vae_decoder_->run({x.slice(0, i, std::min(i + chunk, x.size(0))).contiguous()}).at(0));
     at::Tensor video = torch::cat(pieces);
     video = video.reshape({-1, n, video.size(1), video.size(2), video.size(3)}).permute({0, 2, 1, 3, 4});
     return video_frames(video);
@@ -1333,7 +1413,7 @@ at::Tensor Runtime::decode_unlocked(const at::Tensor& latents) {
     throw ShapeError("the compiled VAE decoder decodes " + std::to_string(vae_latent_frames_) + " latent frames (" +
                      std::to_string(vae_frames_) + " frames, the default video), not " +
                      std::to_string(latents.size(frame_axis)));
-  auto run = [&](const at::Tensor& x) { return vae_decoder_->loader->run({x.contiguous()}).at(0); };
+  auto run = [&](const at::Tensor& x) { return vae_decoder_->run({x.contiguous()}).at(0); };
   if (type == "cogvideox")  // 1/s * latents, channels before frames
     return video_frames(run(1 / vae_scaling_ * latents.permute({0, 2, 1, 3, 4})));
   if (type == "wan") {  // de-normalised with the VAE's per-channel mean and std

@@ -27,11 +27,13 @@ const char* kUsage =
     "usage: foresight-run-cpp --engines DIR --prompt P --out OUT.{mp4,npy} [--negative-prompt N] [--steps N]\n"
     "         [--guidance G] [--seed S] [--frames F] [--height H] [--width W] [--fps FPS]\n"
     "         [--policy none|static|foresight] [--warmup W] [--recalculate R] [--threshold T] [--reuse R]\n"
-    "         [--period P] [--stats STATS.json] [--save-frames FRAMES.npy] [--device cpu|cuda] [--ffmpeg PATH]\n";
+    "         [--period P] [--stats STATS.json] [--save-frames FRAMES.npy] [--device cpu|cuda] [--ffmpeg PATH]\n"
+    "         [--backend aoti|tensorrt]\n";
 
 const std::set<std::string> kOptions = {"engines", "prompt", "out", "negative-prompt", "steps", "guidance", "seed",
                                         "frames", "height", "width", "fps", "policy", "warmup", "recalculate",
-                                        "threshold", "reuse", "period", "stats", "save-frames", "device", "ffmpeg"};
+                                        "threshold", "reuse", "period", "stats", "save-frames", "device", "ffmpeg",
+                                        "backend"};
 
 struct UsageError : foresight::Error {
   using Error::Error;
@@ -215,7 +217,10 @@ int main(int argc, char** argv) {
       if (args.count(k)) req.policy[k] = number(args, k, 0);
     if (args.count("threshold")) req.policy["threshold"] = real(args, "threshold");
 
-    auto rt = foresight::Runtime::load(args["engines"], args.count("device") ? args["device"] : "cpu");
+    const std::string backend = args.count("backend") ? args["backend"] : "aoti";
+    if (backend != "aoti" && backend != "tensorrt")
+      throw UsageError("--backend must be aoti or tensorrt (got " + backend + ")");
+    auto rt = foresight::Runtime::load(args["engines"], args.count("device") ? args["device"] : "cpu", true, backend);
     if (policy == "foresight") {  // the manifest's defaults, then the flags, as foresight-run
       const json defaults = rt.manifest().data.value("foresight_defaults", json::object());  // items() needs it alive
       for (const auto& [k, v] : defaults.items())

@@ -16,7 +16,9 @@
 // CFG as two batch-1 passes, the expert switch at boundary_ratio with one controller stage per
 // expert). Runtime::generate goes from a prompt to frames (tokenizer, compiled text encoder and VAE
 // decoder) for every shipped pipeline, each prompt encoded as its Python pipeline encodes it, CogVideoX
-// 5B's (rotary tables, CogVideoXDPMScheduler) included. Not written yet: TensorRT engines.
+// 5B's (rotary tables, CogVideoXDPMScheduler) included. TensorRT engines (the folder's `tensorrt`
+// section) run the parts instead of the AOTInductor packages with load(..., "tensorrt"): compiled into
+// the library only where cmake found TensorRT and CUDA (docs/cpp.md); elsewhere load refuses them.
 //
 // Thread safety, as the Python runtime's: one Runtime runs one call at a time. Concurrent calls
 // (denoise, generate, encode_prompt, decode) from several threads are serialised by a lock; each
@@ -57,11 +59,13 @@ inline constexpr int kSchemaVersion = 3;
 struct TensorSpec {
   std::string name;
   std::vector<nlohmann::json> shape;
+  std::string dtype = "float32";
 };
 
 struct PartSpec {
   std::string name;
   std::vector<TensorSpec> inputs, outputs;
+  std::string file;  // the part's ONNX file, relative to the folder
 };
 
 // The engines folder's manifest, checked as the Python runtime checks it (runtime/manifest.py):
@@ -74,7 +78,8 @@ struct Manifest {
   std::vector<PartSpec> layers;
   std::vector<std::string> probes;
 
-  static Manifest load(const std::string& folder, bool verify_hashes = true);
+  // backend "aoti" requires the folder's AOTInductor packages, "tensorrt" its TensorRT engines.
+  static Manifest load(const std::string& folder, bool verify_hashes = true, const std::string& backend = "aoti");
   std::string path(const std::string& relative) const;  // inside the folder, or ManifestError
   const nlohmann::json& pipeline() const { return data.at("pipeline"); }
   const nlohmann::json& flow() const { return data.at("flow"); }
@@ -122,9 +127,17 @@ struct Result {
   nlohmann::json stats;
 };
 
+namespace detail {
+struct Executor;  // one part's (or component's) compiled form (runtime.cpp, tensorrt.cpp)
+struct Engines;   // what a backend's executors share
+}  // namespace detail
+
 class Runtime {
  public:
-  static Runtime load(const std::string& folder, const std::string& device = "cpu", bool verify_hashes = true);
+  // backend: "aoti" (AOTInductor packages, CPU or CUDA) or "tensorrt" (TensorRT engines, CUDA; the text
+  // encoder and VAE decoder, which TensorRT folders do not hold, from the folder's aoti.components).
+  static Runtime load(const std::string& folder, const std::string& device = "cpu", bool verify_hashes = true,
+                      const std::string& backend = "aoti");
   DenoiseResult denoise(const DenoiseRequest& request);
   // Needs the compiled text encoder and VAE decoder (`foresight-export --backend aoti` writes them);
   // folders without them are refused with ConfigError. A video VAE's decoder is compiled for the
@@ -141,11 +154,13 @@ class Runtime {
   long engine_calls(const std::string& part) const;  // every expert's together
 
  private:
-  struct Executor;
+  using Executor = detail::Executor;
   Runtime(Manifest manifest, c10::Device device);
   Manifest manifest_;
   c10::Device device_;
   std::vector<std::map<std::string, std::shared_ptr<Executor>>> executors_;  // per expert, by part name
+  std::shared_ptr<detail::Engines> engines_;  // the parts' backend (its stream, its scratch memory)
+  std::string backend_ = "aoti";
   std::map<std::string, long> calls_;
   nlohmann::json scheduler_;  // the scheduler's config, read once at load (its file was hashed then)
   std::shared_ptr<Executor> text_encoder_, vae_decoder_;  // aoti.components, when the folder has them
