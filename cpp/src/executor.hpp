@@ -25,6 +25,8 @@ struct Engines {
   virtual std::shared_ptr<void> loop_scope() { return nullptr; }
 };
 
+std::string read_file(const std::string& path);  // the whole file, or ManifestError (runtime.cpp)
+
 // The checks of the folder's `tensorrt` section that need no TensorRT (runtime.cpp): the section,
 // no experts, an engine file per part built from that part's current ONNX file, a CUDA device.
 void check_tensorrt_section(const Manifest& manifest, const c10::Device& device);

@@ -27,9 +27,7 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 namespace foresight {
-namespace {
-
-constexpr uintmax_t kMaxManifestBytes = 16u << 20;
+namespace detail {
 
 std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
@@ -38,6 +36,13 @@ std::string read_file(const std::string& path) {
   out << in.rdbuf();
   return out.str();
 }
+
+}  // namespace detail
+
+namespace {
+
+using detail::read_file;
+constexpr uintmax_t kMaxManifestBytes = 16u << 20;
 
 std::vector<TensorSpec> tensor_specs(const json& list) {
   std::vector<TensorSpec> out;
@@ -107,6 +112,12 @@ std::string sha256_file(const std::string& path) {
 // ------------------------------------------------------------------------------------ manifest
 const json& Manifest::aoti_parts(int expert) const {
   return expert == 0 ? data.at("aoti").at("parts") : data.at("experts").at(expert - 1).at("aoti");
+}
+
+std::vector<const PartSpec*> Manifest::all_parts() const {
+  std::vector<const PartSpec*> parts{&stem, &head};
+  for (const auto& l : layers) parts.push_back(&l);
+  return parts;
 }
 
 std::string Manifest::path(const std::string& relative) const {
@@ -232,10 +243,8 @@ void check_tensorrt_section(const Manifest& m, const c10::Device& device) {
   if (m.num_experts() > 1)
     throw BackendError(m.root + " holds two experts, and TensorRT engines are not built for folders with experts yet: "
                        "run it with the aoti backend");
-  std::vector<const PartSpec*> parts{&m.stem, &m.head};
-  for (const auto& l : m.layers) parts.push_back(&l);
   const json engines = section.value("engines", json::object());
-  for (const PartSpec* part : parts) {
+  for (const PartSpec* part : m.all_parts()) {
     if (!engines.contains(part->name) || !engines[part->name].contains("file"))
       throw BackendError("no TensorRT engine for " + part->name + ": " + fix);
     const std::string& file = part->file;
@@ -279,7 +288,6 @@ Runtime Runtime::load(const std::string& folder, const std::string& device_name,
   const std::string aoti_unusable = aoti_refusal();
   if (backend == "aoti" && !aoti_unusable.empty()) throw BackendError(aoti_unusable);
   Runtime rt(std::move(m), device);
-  rt.backend_ = backend;
   rt.scheduler_ = json::parse(read_file(rt.manifest_.path(
       rt.manifest_.data.at("components").at("scheduler").get<std::string>() + "/scheduler_config.json")));
   // One compiled program instance with one part's (or component's) weights, its inputs checked.
@@ -309,8 +317,7 @@ Runtime Runtime::load(const std::string& folder, const std::string& device_name,
     exec->loader->load_constants(constants, false, true, false, false);
     return exec;
   };
-  std::vector<const PartSpec*> parts{&rt.manifest_.stem, &rt.manifest_.head};
-  for (const auto& l : rt.manifest_.layers) parts.push_back(&l);
+  const std::vector<const PartSpec*> parts = rt.manifest_.all_parts();
   rt.executors_.resize(rt.manifest_.num_experts());
   for (const PartSpec* part : parts) rt.calls_[part->name] = 0;
   if (backend == "tensorrt") {

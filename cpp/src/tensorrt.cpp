@@ -13,7 +13,6 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
-#include <fstream>
 #include <iostream>
 #include <set>
 #include <sstream>
@@ -125,14 +124,6 @@ struct TensorRTExecutor : Executor {
   }
 };
 
-std::string read_bytes(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw BackendError("cannot read " + path);
-  std::ostringstream out;
-  out << in.rdbuf();
-  return out.str();
-}
-
 // "10.8.0.43" -> {10, 8, 0}; missing parts are -1.
 std::tuple<int, int, int> version_triple(const std::string& text) {
   int v[3] = {-1, -1, -1};
@@ -185,7 +176,7 @@ std::shared_ptr<Engines> load_tensorrt(const Manifest& m, const c10::Device& dev
   int64_t scratch = 1;
   for (const PartSpec* part : parts) {
     const std::string path = m.path(section.at("engines").at(part->name).at("file").get<std::string>());
-    const std::string plan = read_bytes(path);
+    const std::string plan = read_file(path);
     auto exec = std::make_shared<TensorRTExecutor>();
     exec->owner = engines;
     exec->part = part->name;

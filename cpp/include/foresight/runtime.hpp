@@ -81,6 +81,7 @@ struct Manifest {
   // backend "aoti" requires the folder's AOTInductor packages, "tensorrt" its TensorRT engines.
   static Manifest load(const std::string& folder, bool verify_hashes = true, const std::string& backend = "aoti");
   std::string path(const std::string& relative) const;  // inside the folder, or ManifestError
+  std::vector<const PartSpec*> all_parts() const;         // stem, head, then the layers
   const nlohmann::json& pipeline() const { return data.at("pipeline"); }
   const nlohmann::json& flow() const { return data.at("flow"); }
   int num_experts() const { return 1 + static_cast<int>(data.value("experts", nlohmann::json::array()).size()); }
@@ -160,7 +161,6 @@ class Runtime {
   c10::Device device_;
   std::vector<std::map<std::string, std::shared_ptr<Executor>>> executors_;  // per expert, by part name
   std::shared_ptr<detail::Engines> engines_;  // the parts' backend (its stream, its scratch memory)
-  std::string backend_ = "aoti";
   std::map<std::string, long> calls_;
   nlohmann::json scheduler_;  // the scheduler's config, read once at load (its file was hashed then)
   std::shared_ptr<Executor> text_encoder_, vae_decoder_;  // aoti.components, when the folder has them
