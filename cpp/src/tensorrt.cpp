@@ -6,9 +6,9 @@
 // runtime API (NvInferRuntime.h); no machine this project is developed on has TensorRT, so this file
 // is built and run only on hosts that do (docs/cpp.md says what a GPU run checks).
 #include <NvInferRuntime.h>
+#include <cuda_runtime_api.h>
 
-#include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/CUDAEvent.h>
+#include <c10/core/Event.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -51,12 +51,12 @@ struct TensorRTEngines : Engines {
       c10::cuda::CUDAStream outer, inner;
       c10::cuda::CUDAStreamGuard guard;
       Scope(c10::cuda::CUDAStream o, c10::cuda::CUDAStream i) : outer(o), inner(i), guard(i) {
-        at::cuda::CUDAEvent ready;
+        c10::Event ready(c10::DeviceType::CUDA);
         ready.record(outer);
         ready.block(inner);
       }
       ~Scope() {
-        at::cuda::CUDAEvent done;
+        c10::Event done(c10::DeviceType::CUDA);
         done.record(inner);
         done.block(outer);
       }
@@ -162,12 +162,14 @@ std::shared_ptr<Engines> load_tensorrt(const Manifest& m, const c10::Device& dev
                        " CUDA devices)");
   const c10::Device cuda(c10::kCUDA, index);
   const c10::cuda::CUDAGuard guard(cuda);
-  const cudaDeviceProp* props = at::cuda::getDeviceProperties(index);
-  const std::string capability = std::to_string(props->major) + "." + std::to_string(props->minor);
+  cudaDeviceProp props{};
+  if (cudaGetDeviceProperties(&props, index) != cudaSuccess)
+    throw BackendError("CUDA could not describe " + cuda.str() + ": run the aoti backend, or check the driver");
+  const std::string capability = std::to_string(props.major) + "." + std::to_string(props.minor);
   const std::string built_for = section.value("device", json::object()).value("compute_capability", "");
   if (built_for != capability)
     throw BackendError("engines in " + m.root + " were built for compute capability " + built_for + ", this GPU is " +
-                       capability + " (" + props->name + "): " + fix);
+                       capability + " (" + props.name + "): " + fix);
 
   auto engines = std::make_shared<TensorRTEngines>(cuda, c10::cuda::getStreamFromPool(false, index));
   engines->runtime.reset(nvinfer1::createInferRuntime(engines->logger));
