@@ -1,13 +1,113 @@
-"""Shared fixtures: one export of the shipped tiny Latte per test session."""
+"""Shared fixtures: one export of the shipped tiny Latte per test session.
+
+The suite runs on two pytest-xdist workers (``-n 2 --dist loadfile``: a file's tests stay on one
+worker, so module fixtures run once). What is expensive to make (engines folders, the C++ build) is
+made once per test run for both workers: ``made_once`` builds it under a file lock in a folder the
+workers share, and the second worker to ask waits for it and reuses it.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 PRESET = Path(__file__).resolve().parent.parent / "exporter" / "presets" / "latte-tiny"
+
+# Two workers share two cores: a thread that waits for work sleeps instead of spinning (OpenMP's
+# default spins), or each worker's idle threads steal the other's core. Results do not change.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def shared_root(tmp_path_factory) -> Path:
+    """The run's folder that every xdist worker sees (the base temp of a run without xdist)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """``shared_root/name`` made by ``make(path)`` once per run, whichever worker asks first; a failed
+    make leaves nothing behind, so the next asker tries again and sees the same error. A worker that
+    would wait for the other's make makes one of the AOTInductor folders nobody has started instead."""
+    from filelock import FileLock, Timeout
+
+    root = shared_root(tmp_path_factory)
+    lock = FileLock(str(root / f"{name}.lock"))
+    while True:
+        try:
+            lock.acquire(timeout=0)
+            break
+        except Timeout:
+            if not _make_another(root, name):
+                lock.acquire()
+                break
+    try:
+        return _make(root, name, make)
+    finally:
+        lock.release()
+
+
+def _make(root: Path, name: str, make: Callable[[Path], None]) -> Path:
+    """``root/name`` made unless a ``.done`` mark says it was; the caller holds its lock."""
+    path, done = root / name, root / f"{name}.done"
+    if not done.exists():
+        shutil.rmtree(path, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make(path)
+        done.touch()
+    return path
+
+
+# The AOTInductor exports the suite shares (about 2 minutes of one core each), largest first.
+AOTI_PRESETS = [("cogvideox", "tiny-5b"), ("wan", "tiny-random-a14b"), ("opensora", "tiny"), ("cogvideox", "tiny"),
+                ("latte", "tiny")]
+
+
+def preset_folder(model: str, preset: str, backend: str) -> tuple[str, Callable[[Path], None]]:
+    """The shared folder's name for a preset's export, and how to make it."""
+    from exporter.export import ExportOptions, export
+
+    return f"engines/{model}-{preset}-{backend}", lambda out: export(
+        ExportOptions(model=model, preset=preset, out=out, backend=backend), progress=False)
+
+
+def _make_another(root: Path, busy: str) -> bool:
+    """Make one AOTI_PRESETS folder that no worker has made or started; False if there is none. Its
+    failure is left to the test that needs it (which makes it again and reports the error)."""
+    from filelock import FileLock, Timeout
+
+    for model, preset in AOTI_PRESETS:
+        name, make = preset_folder(model, preset, "aoti")
+        if name == busy or (root / f"{name}.done").exists():
+            continue
+        lock = FileLock(str(root / f"{name}.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            continue
+        try:
+            _make(root, name, make)
+        except Exception:  # noqa: BLE001 - see the docstring
+            shutil.rmtree(root / name, ignore_errors=True)
+        finally:
+            lock.release()
+        return True
+    return False
+
+
+@pytest.fixture(scope="session")
+def run_exclusively(tmp_path_factory):
+    """``with run_exclusively("ray"): ...`` - no other worker runs a block of the same name meanwhile
+    (two Ray clusters on two cores starve each other's replicas)."""
+    from filelock import FileLock
+
+    root = shared_root(tmp_path_factory)
+    return lambda name: FileLock(str(root / f"{name}.exclusive.lock"))
 
 
 @pytest.fixture(scope="session")
@@ -18,11 +118,7 @@ def preset_dir() -> Path:
 @pytest.fixture(scope="session")
 def engines_dir(tmp_path_factory) -> Path:
     """The tiny preset exported once (about 20 s); tests must not modify it."""
-    from exporter.export import ExportOptions, export
-
-    out = tmp_path_factory.mktemp("engines") / "latte-tiny"
-    export(ExportOptions(model="latte", preset="tiny", out=out), progress=False)
-    return out
+    return made_once(tmp_path_factory, *preset_folder("latte", "tiny", "onnxruntime"))
 
 
 @pytest.fixture()
@@ -49,31 +145,18 @@ def runtime_torch(engines_dir):
 
 @pytest.fixture(scope="session")
 def aoti_engines_dir(tmp_path_factory) -> Path:
-    """The tiny CogVideoX exported by ``foresight-export --backend aoti --device cpu`` (about 90 s:
-    ONNX export, then 3 compiled programs for its 8 parts); tests must not modify it."""
-    from exporter.cli import main as export_main
-
-    out = tmp_path_factory.mktemp("engines") / "cogvideox-tiny-aoti"
-    assert export_main(["--model", "cogvideox", "--preset", "tiny", "--backend", "aoti", "--device", "cpu",
-                        "--out", str(out)]) == 0
-    return out
+    """The tiny CogVideoX exported with ``backend="aoti"`` (about 2 minutes: ONNX export, then the
+    compiled programs of its parts, text encoder and VAE decoder); tests must not modify it."""
+    return made_once(tmp_path_factory, *preset_folder("cogvideox", "tiny", "aoti"))
 
 
 @pytest.fixture(scope="session")
 def preset_engines(tmp_path_factory):
     """``preset_engines(model, preset, backend="onnxruntime")``: that preset's engines folder, exported on first
     use and shared by every test of the session afterwards; tests must not modify it."""
-    from exporter.export import ExportOptions, export
-
-    folders: dict[tuple, Path] = {}
 
     def get(model: str, preset: str, backend: str = "onnxruntime") -> Path:
-        key = (model, preset, backend)
-        if key not in folders:
-            out = tmp_path_factory.mktemp("engines") / f"{model}-{preset}-{backend}"
-            export(ExportOptions(model=model, preset=preset, out=out, backend=backend), progress=False)
-            folders[key] = out
-        return folders[key]
+        return made_once(tmp_path_factory, *preset_folder(model, preset, backend))
 
     return get
 

@@ -18,10 +18,11 @@ FAST = {"steps": 4, "size": "16x16", "frames": 4, "policy": "foresight", "warmup
 
 
 @pytest.fixture(scope="module")
-def ray_server(engines_dir, tmp_path_factory):
-    s = Server(engines_dir, tmp_path_factory.mktemp("serve-ray"), "--ray", "--replicas", "2", timeout=600)
-    yield s
-    s.close()
+def ray_server(engines_dir, tmp_path_factory, run_exclusively):
+    with run_exclusively("ray"):  # the other Ray module's cluster is down before this one starts
+        s = Server(engines_dir, tmp_path_factory.mktemp("serve-ray"), "--ray", "--replicas", "2", timeout=600)
+        yield s
+        s.close()
 
 
 @pytest.fixture(scope="module")

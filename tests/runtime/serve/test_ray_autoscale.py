@@ -18,10 +18,11 @@ JOB = {"prompt": "a red square moving left", "steps": 40, "size": "16x16", "fram
 
 
 @pytest.fixture(scope="module")
-def autoscaled(engines_dir, tmp_path_factory):
-    s = Server(engines_dir, tmp_path_factory.mktemp("serve-autoscale"), "--ray", "--autoscale", "1:2", timeout=600)
-    yield s
-    s.close()
+def autoscaled(engines_dir, tmp_path_factory, run_exclusively):
+    with run_exclusively("ray"):  # the other Ray module's cluster is down before this one starts
+        s = Server(engines_dir, tmp_path_factory.mktemp("serve-autoscale"), "--ray", "--autoscale", "1:2", timeout=600)
+        yield s
+        s.close()
 
 
 def test_a_burst_scales_up_to_a_second_replica_that_runs_jobs(autoscaled):
