@@ -117,8 +117,9 @@ def preset_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def engines_dir(tmp_path_factory) -> Path:
-    """The tiny preset exported once (about 20 s); tests must not modify it."""
-    return made_once(tmp_path_factory, *preset_folder("latte", "tiny", "onnxruntime"))
+    """The tiny preset exported once (about 20 s) as ``latte-tiny`` (the server tests' model name);
+    tests must not modify it."""
+    return made_once(tmp_path_factory, "engines/latte-tiny", preset_folder("latte", "tiny", "onnxruntime")[1])
 
 
 @pytest.fixture()
