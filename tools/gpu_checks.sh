@@ -43,7 +43,8 @@ timeout 420 python3 -m tools.gpu_check --out "$OUT" --steps 20 --backends torch,
     | grep -v "Warning\|warn(" | tee "$OUT/gpu_check.log"
 
 echo "== 3. GPU tests"
-timeout 240 python3 -m pytest -q -rs -p no:cacheprovider tests/runtime/test_backends.py tests/runtime/test_cuda.py \
+# -o addopts="": one process (the GPU machine may lack pytest-xdist, which the suite's addopts use)
+timeout 240 python3 -m pytest -q -rs -o addopts="" -p no:cacheprovider tests/runtime/test_backends.py tests/runtime/test_cuda.py \
     tests/runtime/test_aoti.py -k "cuda and not refused_on_cpu" 2>&1 | tee "$OUT/pytest.txt"
 
 echo "== 4. foresight-run with AOTInductor packages for CUDA"
@@ -95,7 +96,7 @@ echo "== 5. TensorRT"
 { echo "A machine with tensorrt (pip install 'foresight-dit[tensorrt]') and a GPU must run:"
   echo "  foresight-export --model latte --preset tiny --out E --backend tensorrt --validate          (fp32 engines vs ORT)"
   echo "  foresight-export --model latte --preset tiny --out E16 --dtype float16 --backend tensorrt --validate"
-  echo "  python -m pytest -q tests/exporter/test_tensorrt_build.py tests/runtime/test_backends.py -k tensorrt"
+  echo "  python -m pytest -q -o addopts= tests/exporter/test_tensorrt_build.py tests/runtime/test_backends.py -k tensorrt"
   echo "  foresight-run --engines E16 --backend tensorrt --device cuda [--cuda-graphs] --prompt P --out o.mp4 --stats s.json"
   echo "  python -m tools.benchmark --engines E16 --backends tensorrt,torch --device cuda --policies none,foresight"
   echo "  cmake -S cpp -B build/cpp-trt -G Ninja -DTENSORRT_ROOT=<TensorRT folder> <the README's -D flags>  (says: TensorRT engines run)"
