@@ -3,7 +3,7 @@
 The suite runs on two pytest-xdist workers (``-n 2 --dist loadfile``: a file's tests stay on one
 worker, so module fixtures run once). What is expensive to make (engines folders, the C++ build) is
 made once per test run for both workers: ``made_once`` builds it under a file lock in a folder the
-workers share, and the second worker to ask waits for it and reuses it.
+workers share, and the second worker to ask reuses it (making another export while it waits).
 """
 
 from __future__ import annotations
@@ -34,31 +34,49 @@ def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path
     """``shared_root/name`` made by ``make(path)`` once per run, whichever worker asks first; a failed
     make leaves nothing behind, so the next asker tries again and sees the same error. A worker that
     would wait for the other's make makes one of the AOTInductor folders nobody has started instead."""
-    from filelock import FileLock, Timeout
-
     root = shared_root(tmp_path_factory)
-    lock = FileLock(str(root / f"{name}.lock"))
-    while True:
-        try:
-            lock.acquire(timeout=0)
-            break
-        except Timeout:
-            if not _make_another(root, name):
-                lock.acquire()
-                break
+    lock = _try_lock(root, name)
+    while lock is None and _make_another(root, name):
+        lock = _try_lock(root, name)
+    if lock is None:
+        lock = _lock(root, name)
+        lock.acquire()
     try:
         return _make(root, name, make)
     finally:
         lock.release()
 
 
+def _lock(root: Path, name: str):
+    from filelock import FileLock
+
+    return FileLock(str(root / f"{name}.lock"))
+
+
+def _try_lock(root: Path, name: str):
+    """``name``'s lock, held, or None when another worker holds it."""
+    from filelock import Timeout
+
+    lock = _lock(root, name)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    return lock
+
+
 def _make(root: Path, name: str, make: Callable[[Path], None]) -> Path:
-    """``root/name`` made unless a ``.done`` mark says it was; the caller holds its lock."""
+    """``root/name`` made unless a ``.done`` mark says it was, removed again if ``make`` fails; the
+    caller holds its lock."""
     path, done = root / name, root / f"{name}.done"
     if not done.exists():
         shutil.rmtree(path, ignore_errors=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        make(path)
+        try:
+            make(path)
+        except BaseException:
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         done.touch()
     return path
 
@@ -79,21 +97,14 @@ def preset_folder(model: str, preset: str, backend: str) -> tuple[str, Callable[
 def _make_another(root: Path, busy: str) -> bool:
     """Make one AOTI_PRESETS folder that no worker has made or started; False if there is none. Its
     failure is left to the test that needs it (which makes it again and reports the error)."""
-    from filelock import FileLock, Timeout
-
     for model, preset in AOTI_PRESETS:
         name, make = preset_folder(model, preset, "aoti")
-        if name == busy or (root / f"{name}.done").exists():
-            continue
-        lock = FileLock(str(root / f"{name}.lock"))
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
+        if name == busy or (root / f"{name}.done").exists() or (lock := _try_lock(root, name)) is None:
             continue
         try:
             _make(root, name, make)
         except Exception:  # noqa: BLE001 - see the docstring
-            shutil.rmtree(root / name, ignore_errors=True)
+            pass
         finally:
             lock.release()
         return True
